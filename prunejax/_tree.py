@@ -1,0 +1,329 @@
+"""Pytree plumbing shared by every stage: leaf paths, leaf selection, validation, layer pairing.
+
+Every public function of prunejax accepts ANY pytree of arrays (a Flax ``params`` dict, a plain
+dict, a Keras ``get_weights()`` list, tuples, nested mixes).  Leaves are named by their *path*, a
+``/``-joined string of the keys that lead to them: ``"Dense_0/kernel"`` in a Flax tree, ``"2"``
+for the third array of a Keras list.  Error messages always name the path.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+PyTree = Any
+Where = Callable[[str, Any], bool]
+
+__all__ = [
+    "PyTree",
+    "Where",
+    "DenseLayer",
+    "flatten",
+    "is_matrix_object",
+    "ndim",
+    "path_str",
+    "is_jax",
+    "is_traced",
+    "default_where",
+    "select",
+    "check_finite",
+    "check_fraction",
+    "per_leaf_values",
+    "check_same_structure",
+    "dense_layers",
+]
+
+
+def path_str(keypath: tuple) -> str:
+    """``(DictKey('Dense_0'), DictKey('kernel'))`` -> ``"Dense_0/kernel"``; ``()`` -> ``"<root>"``."""
+    if not keypath:
+        return "<root>"
+    return jax.tree_util.keystr(keypath, simple=True, separator="/")
+
+
+def is_matrix_object(x: Any) -> bool:
+    """True for kernel objects that act as one leaf: ``jax.experimental.sparse`` matrices and
+    prunejax sparse kernels (anything with a ``__prunejax_kernel__`` attribute)."""
+    from jax.experimental import sparse as jsparse
+
+    return isinstance(x, jsparse.JAXSparse) or hasattr(x, "__prunejax_kernel__")
+
+
+def ndim(x: Any) -> int:
+    """``ndim`` that also works for sparse kernel objects."""
+    return len(x.shape) if hasattr(x, "shape") else np.ndim(x)
+
+
+def flatten(tree: PyTree, *, what: str = "params") -> tuple[list[str], list[Any], Any]:
+    """Flatten ``tree`` into ``(paths, leaves, treedef)``; sparse kernel objects stay one leaf.
+
+    Raises:
+      ValueError: if the tree has no array leaves.
+      TypeError: if a leaf is not an array (or a Python/NumPy scalar).
+    """
+    flat, treedef = jax.tree_util.tree_flatten_with_path(tree, is_leaf=is_matrix_object)
+    if not flat:
+        raise ValueError(f"{what} is an empty pytree: there is nothing to prune")
+    paths = [path_str(kp) for kp, _ in flat]
+    leaves = [leaf for _, leaf in flat]
+    for p, leaf in zip(paths, leaves, strict=True):
+        if not (
+            isinstance(leaf, np.ndarray | np.generic | jax.Array)
+            or is_traced(leaf)
+            or is_matrix_object(leaf)
+        ):
+            raise TypeError(
+                f"{what} leaf {p!r} is a {type(leaf).__name__}, not an array; "
+                "convert it with np.asarray or jnp.asarray first"
+            )
+    return paths, leaves, treedef
+
+
+def is_traced(x: Any) -> bool:
+    return isinstance(x, jax.core.Tracer)
+
+
+def is_jax(x: Any) -> bool:
+    """True for JAX arrays and tracers (JAX in gives JAX out), False for NumPy."""
+    return isinstance(x, jax.Array) or is_traced(x)
+
+
+def default_where(path: str, leaf: Any) -> bool:
+    """The default leaf selection: kernels (``ndim >= 2``) are pruned, 1-D leaves are not."""
+    del path
+    return ndim(leaf) >= 2
+
+
+def select(paths: list[str], leaves: list[Any], where: Where | None) -> list[bool]:
+    """Evaluate the ``where(path, leaf) -> bool`` predicate on every leaf."""
+    where = default_where if where is None else where
+    out = []
+    for p, leaf in zip(paths, leaves, strict=True):
+        sel = where(p, leaf)
+        if not isinstance(sel, bool | np.bool_):
+            raise TypeError(f"where({p!r}, leaf) returned {type(sel).__name__}, expected a bool")
+        out.append(bool(sel))
+    return out
+
+
+def check_finite(path: str, leaf: Any) -> None:
+    """Raise ``ValueError`` if a concrete leaf holds NaN or inf (traced leaves cannot be checked)."""
+    if is_traced(leaf):
+        return
+    arr = np.asarray(leaf)
+    if arr.dtype.kind in "fc" or arr.dtype == jnp.bfloat16:
+        finite = np.isfinite(arr.astype(np.float32) if arr.dtype == jnp.bfloat16 else arr)
+        if not finite.all():
+            bad = int(arr.size - finite.sum())
+            raise ValueError(
+                f"leaf {path!r} has {bad} non-finite value(s) (NaN or inf); "
+                "pruning by magnitude is undefined for them"
+            )
+
+
+def check_fraction(value: Any, *, name: str, path: str | None = None) -> Any:
+    """Check that a concrete fraction lies in ``[0, 1]``; traced values pass through unchecked."""
+    where = f" for leaf {path!r}" if path is not None else ""
+    if is_traced(value):
+        return value
+    if isinstance(value, jax.Array | np.ndarray) and np.ndim(value) != 0:
+        raise ValueError(f"{name}{where} must be a scalar, got shape {np.shape(value)}")
+    try:
+        f = float(value)
+    except (TypeError, ValueError):
+        raise TypeError(f"{name}{where} must be a number, got {type(value).__name__}") from None
+    if math.isnan(f) or not 0.0 <= f <= 1.0:
+        raise ValueError(f"{name}{where} must be in [0, 1], got {value!r}")
+    return value
+
+
+def _is_scalar(x: Any) -> bool:
+    return (
+        isinstance(x, int | float | np.generic)
+        or is_traced(x)
+        or (isinstance(x, jax.Array | np.ndarray) and np.ndim(x) == 0)
+    ) and not isinstance(x, bool)
+
+
+def per_leaf_values(
+    value: Any,
+    paths: list[str],
+    selected: list[bool],
+    *,
+    name: str,
+    check: Callable[[Any, str], Any],
+) -> list[Any]:
+    """Resolve a scalar-or-per-leaf argument (``sparsity``, ``quality``) to one value per leaf.
+
+    ``value`` may be
+      * a scalar (Python, NumPy or JAX, possibly traced): the same value for every selected leaf;
+      * a mapping or pytree of scalars keyed by path: ``{"Dense_0/kernel": 0.9}``,
+        ``{"Dense_0": 0.9}`` (applies to every selected leaf under ``Dense_0``),
+        ``{"Dense_0": {"kernel": 0.9}}``, or ``[0.92, None, 0.91, None]`` for a Keras list.
+        Selected leaves the map does not name get ``None`` (left unpruned).
+
+    Returns:
+      A list with one entry per leaf: the checked value, or ``None`` where nothing is pruned.
+
+    Raises:
+      ValueError: the map names a leaf that does not exist or is not selected; a value is bad.
+    """
+    if _is_scalar(value):
+        return [check(value, p) if s else None for p, s in zip(paths, selected, strict=True)]
+    if not isinstance(value, Mapping | list | tuple):
+        raise TypeError(
+            f"{name} must be a number or a mapping/pytree of per-leaf numbers, "
+            f"got {type(value).__name__}"
+        )
+    flat, _ = jax.tree_util.tree_flatten_with_path(value)
+    if not flat:
+        raise ValueError(f"{name} map is empty: name at least one leaf")
+    out: list[Any] = [None] * len(paths)
+    for kp, v in flat:
+        key = path_str(kp)
+        hits = [i for i, p in enumerate(paths) if p == key or p.startswith(key + "/")]
+        if not hits:
+            raise ValueError(
+                f"{name} map names {key!r}, which is not a leaf of params "
+                f"(leaves: {', '.join(paths[:8])}{', ...' if len(paths) > 8 else ''})"
+            )
+        hits_sel = [i for i in hits if selected[i]]
+        if not hits_sel:
+            raise ValueError(
+                f"{name} map names {key!r}, but no leaf there is selected for pruning "
+                "(by default only leaves with ndim >= 2 are; pass where= to change that)"
+            )
+        if not _is_scalar(v):
+            raise TypeError(f"{name} for {key!r} must be a number, got {type(v).__name__}")
+        for i in hits_sel:
+            if out[i] is not None:
+                raise ValueError(f"{name} map gives leaf {paths[i]!r} more than one value")
+            out[i] = check(v, paths[i])
+    return out
+
+
+def check_same_structure(
+    params: PyTree, other: PyTree, *, what: str = "masks", check_bool: bool = True
+) -> tuple[list[str], list[Any], list[Any], Any]:
+    """Check that ``other`` (a mask tree) matches ``params`` leaf for leaf.
+
+    Returns:
+      ``(paths, params_leaves, other_leaves, treedef)``.
+
+    Raises:
+      ValueError: the tree structures or a leaf's shape differ (the message names the leaf).
+      TypeError: ``check_bool`` and a mask leaf is not boolean.
+    """
+    paths, leaves, treedef = flatten(params)
+    flat_o, treedef_o = jax.tree_util.tree_flatten_with_path(other)
+    if treedef_o != treedef:
+        opaths = {path_str(kp) for kp, _ in flat_o}
+        missing = [p for p in paths if p not in opaths]
+        extra = sorted(opaths - set(paths))
+        detail = []
+        if missing:
+            detail.append(f"missing {missing[:5]}")
+        if extra:
+            detail.append(f"unexpected {extra[:5]}")
+        raise ValueError(
+            f"{what} tree does not match the params tree"
+            + (f": {'; '.join(detail)}" if detail else f" ({treedef_o} vs {treedef})")
+        )
+    other_leaves = [leaf for _, leaf in flat_o]
+    for p, a, b in zip(paths, leaves, other_leaves, strict=True):
+        if np.shape(a) != np.shape(b):
+            raise ValueError(
+                f"{what} leaf {p!r} has shape {np.shape(b)} but the params leaf has {np.shape(a)}"
+            )
+        if check_bool and np.result_type(b) != np.bool_:
+            raise TypeError(f"{what} leaf {p!r} has dtype {np.result_type(b)}, expected bool")
+    return paths, leaves, other_leaves, treedef
+
+
+# ----------------------------------------------------------------------------- layer pairing
+
+_KERNEL_NAMES = ("kernel", "weight", "w")
+_BIAS_NAMES = ("bias", "b")
+
+
+@dataclass(frozen=True)
+class DenseLayer:
+    """One dense layer found in a params pytree: leaf indices (into ``flatten``'s order)."""
+
+    name: str
+    kernel: int
+    bias: int | None
+
+
+def _natural_key(s: str) -> list:
+    return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", s)]
+
+
+def _parent(path: str) -> str:
+    return path.rsplit("/", 1)[0] if "/" in path else ""
+
+
+def _last(path: str) -> str:
+    return path.rsplit("/", 1)[-1]
+
+
+def dense_layers(params: PyTree, *, what: str = "params") -> list[DenseLayer]:
+    """Find the dense layers of an MLP pytree, in forward order, with their paired biases.
+
+    Conventions recognised (kernels are ``(in, out)``, as in Flax and Keras):
+      * sibling leaves ``kernel``/``bias`` in a dict (Flax ``{"Dense_0": {"kernel", "bias"}}``;
+        also ``weight``/``bias`` and ``w``/``b``); layers are ordered by the *natural* order of
+        their paths, so ``Dense_10`` comes after ``Dense_9``;
+      * a flat sequence ``[W1, b1, W2, b2, ...]`` (Keras ``get_weights()``), where a 2-D leaf is
+        paired with the next leaf if that one is 1-D of length ``W.shape[1]``; sequences of
+        ``(W, b)`` tuples pair the same way.
+
+    Returns:
+      One ``DenseLayer`` per 2-D leaf, in forward order.
+    """
+    paths, leaves, _ = flatten(params, what=what)
+    by_path = {p: i for i, p in enumerate(paths)}
+    layers: list[DenseLayer] = []
+    used_bias: set[int] = set()
+    kernel_idx = [i for i, leaf in enumerate(leaves) if ndim(leaf) == 2]
+    named = []
+    for i in kernel_idx:
+        p = paths[i]
+        par, last = _parent(p), _last(p)
+        bias = None
+        if last in _KERNEL_NAMES:
+            for bname in _BIAS_NAMES:
+                cand = f"{par}/{bname}" if par else bname
+                j = by_path.get(cand)
+                if j is not None and ndim(leaves[j]) == 1:
+                    bias = j
+                    break
+            named.append((par or p, i, bias))
+            continue
+        # sequence convention: the next leaf in flatten order under the same parent
+        j = i + 1
+        if (
+            j < len(leaves)
+            and ndim(leaves[j]) == 1
+            and _parent(paths[j]) == par
+            and leaves[j].shape[0] == leaves[i].shape[1]
+        ):
+            bias = j
+        named.append((p, i, bias))
+    # natural order of the layer names; sequence layers keep flatten order (already natural)
+    named.sort(key=lambda t: _natural_key(t[0]))
+    for name, i, b in named:
+        if b is not None:
+            if b in used_bias:
+                b = None
+            else:
+                used_bias.add(b)
+        layers.append(DenseLayer(name=name, kernel=i, bias=b))
+    return layers
