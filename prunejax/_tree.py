@@ -42,7 +42,7 @@ __all__ = [
 
 
 def path_str(keypath: tuple) -> str:
-    """``(DictKey('Dense_0'), DictKey('kernel'))`` -> ``"Dense_0/kernel"``; ``()`` -> ``"<root>"``."""
+    """Join a key path with ``/``: ``"Dense_0/kernel"``; the empty path is ``"<root>"``."""
     if not keypath:
         return "<root>"
     return jax.tree_util.keystr(keypath, simple=True, separator="/")
@@ -114,7 +114,7 @@ def select(paths: list[str], leaves: list[Any], where: Where | None) -> list[boo
 
 
 def check_finite(path: str, leaf: Any) -> None:
-    """Raise ``ValueError`` if a concrete leaf holds NaN or inf (traced leaves cannot be checked)."""
+    """Raise ``ValueError`` if a concrete leaf holds NaN or inf (tracers cannot be checked)."""
     if is_traced(leaf):
         return
     arr = np.asarray(leaf)

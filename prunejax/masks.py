@@ -1,0 +1,622 @@
+"""Pure mask builders on any parameter pytree.
+
+Every builder takes ANY pytree of arrays (a Flax ``params`` dict, a plain dict, a Keras
+``get_weights()`` list, tuples, nested mixes) and returns a pytree of the same structure whose
+leaves are boolean arrays (``True`` = kept).  NumPy in gives NumPy out; JAX in gives JAX out, and
+the JAX path works under ``jax.jit`` and ``jax.vmap``.
+
+Semantics shared by all builders:
+
+* Which leaves are pruned: by default every leaf with ``ndim >= 2`` (kernels); other leaves get
+  all-True masks.  A ``where(path, leaf) -> bool`` predicate overrides the default, e.g.
+  ``where=lambda path, leaf: path.startswith("Dense_0")``.
+* Counting: a leaf of ``n`` selected entries pruned at sparsity ``s`` has exactly ``round(s * n)``
+  False entries, ``round`` being half-to-even as in NumPy.  Ties in the score are broken by flat
+  index: the lower index is pruned first.  Concrete ``s`` is multiplied in float64; a *traced*
+  ``s`` (under ``jit``/``vmap``) is float32, so exact ``.5`` boundaries may round differently than
+  in an eager call with the float64 value; pass ``s`` as a static argument for exact semantics.
+* ``sparsity`` may be a number or a per-leaf mapping/pytree of numbers, see
+  :func:`prunejax._tree.per_leaf_values` (``{"Dense_2/kernel": 0.74}``, ``[0.92, None, ...]``).
+  Selected leaves the mapping does not name are left unpruned.
+* Bad input raises ``ValueError``/``TypeError`` naming the leaf path: sparsity outside ``[0, 1]``
+  or NaN, non-finite weights (checked on concrete inputs; traced values cannot be inspected),
+  a per-leaf map naming a missing leaf, structured pruning of a leaf of the wrong rank.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from prunejax._tree import (
+    PyTree,
+    Where,
+    check_finite,
+    check_fraction,
+    check_same_structure,
+    dense_layers,
+    flatten,
+    is_jax,
+    is_traced,
+    per_leaf_values,
+    select,
+)
+
+__all__ = [
+    "magnitude_masks",
+    "unit_masks",
+    "threshold_masks",
+    "nm_masks",
+    "block_masks",
+    "random_masks",
+    "apply_masks",
+    "combine",
+    "sparsity_report",
+    "SparsityReport",
+]
+
+
+# ----------------------------------------------------------------------------- ranking core
+
+
+def _score_dtype(x: Any) -> Any:
+    """Scores are compared in float32 for half types, else in the leaf's own float type."""
+    dt = np.result_type(x) if not is_jax(x) else x.dtype
+    if dt in (jnp.bfloat16, np.float16) or np.dtype(dt).kind not in "f":
+        return np.float32
+    return dt
+
+
+def _num_pruned(sparsity: Any, n: int, use_jax: bool) -> Any:
+    """``round(s * n)`` half-to-even; an int for concrete ``s``, a traced int32 otherwise."""
+    if is_traced(sparsity) or (use_jax and isinstance(sparsity, jax.Array)):
+        if not is_traced(sparsity):
+            return int(np.round(np.float64(sparsity) * n))
+        return jnp.round(jnp.asarray(sparsity, jnp.float32) * n).astype(jnp.int32)
+    return int(np.round(np.float64(sparsity) * n))
+
+
+@jax.jit
+def _keep_lowest_k_jax(scores: jax.Array, k: jax.Array) -> jax.Array:
+    n = scores.shape[0]
+    order = jnp.argsort(scores, stable=True)
+    ranks = jnp.zeros((n,), jnp.int32).at[order].set(jnp.arange(n, dtype=jnp.int32))
+    return ranks >= k
+
+
+def _keep_lowest_k(scores: Any, k: Any, use_jax: bool) -> Any:
+    """Boolean mask over a flat score vector: False for the ``k`` smallest, ties by index."""
+    n = scores.shape[0]
+    if use_jax:
+        return _keep_lowest_k_jax(scores, jnp.asarray(k, jnp.int32))
+    order = np.argsort(scores, kind="stable")
+    ranks = np.empty((n,), np.int64)
+    ranks[order] = np.arange(n)
+    return ranks >= k
+
+
+def _abs_scores(leaf: Any, use_jax: bool) -> Any:
+    xp = jnp if use_jax else np
+    dt = _score_dtype(leaf)
+    return xp.abs(xp.asarray(leaf).astype(dt)).reshape(-1)
+
+
+def _ones_like(leaf: Any, use_jax: bool) -> Any:
+    shape = leaf.shape if hasattr(leaf, "shape") else np.shape(leaf)
+    return jnp.ones(shape, bool) if use_jax else np.ones(shape, bool)
+
+
+def _use_jax(leaves: Sequence[Any], *extra: Any) -> bool:
+    return any(is_jax(x) for x in leaves) or any(is_traced(e) for e in extra)
+
+
+def _check_sparsity(value: Any, path: str) -> Any:
+    return check_fraction(value, name="sparsity", path=path)
+
+
+def _validated(params: PyTree, where: Where | None) -> tuple[list[str], list[Any], Any, list[bool]]:
+    paths, leaves, treedef = flatten(params)
+    selected = select(paths, leaves, where)
+    for p, leaf, s in zip(paths, leaves, selected, strict=True):
+        if s:
+            check_finite(p, leaf)
+    return paths, leaves, treedef, selected
+
+
+def _sparsity_leaves(sparsity: Any) -> list[Any]:
+    if isinstance(sparsity, Mapping | list | tuple):
+        return jax.tree_util.tree_leaves(sparsity)
+    return [sparsity]
+
+
+# ----------------------------------------------------------------------------- builders
+
+
+def magnitude_masks(
+    params: PyTree,
+    sparsity: Any,
+    *,
+    scope: str = "layer",
+    where: Where | None = None,
+) -> PyTree:
+    """Prune the weights with the smallest magnitude.
+
+    Han, Pool, Tran & Dally (2015), "Learning both Weights and Connections for Efficient Neural
+    Networks": zero the fraction ``sparsity`` of weights with the smallest ``|w|``.
+
+    Args:
+      params: any pytree of arrays.
+      sparsity: fraction in ``[0, 1]`` of selected entries to prune; a number (static or traced
+        under ``jit``/``vmap``) or, with ``scope="layer"``, a per-leaf mapping/pytree.
+      scope: ``"layer"`` prunes ``round(s * n)`` entries of each selected leaf; ``"global"``
+        prunes ``round(s * N)`` entries of all selected leaves together (one threshold), with
+        ties broken by position in the flattened concatenation of the leaves.
+      where: ``(path, leaf) -> bool`` selecting leaves to prune (default: ``ndim >= 2``).
+
+    Returns:
+      A pytree of boolean masks with the structure of ``params`` (True = kept).
+    """
+    if scope not in ("layer", "global"):
+        raise ValueError(f"scope must be 'layer' or 'global', got {scope!r}")
+    paths, leaves, treedef, selected = _validated(params, where)
+    use_jax = _use_jax(leaves, *_sparsity_leaves(sparsity))
+    if scope == "layer":
+        values = per_leaf_values(sparsity, paths, selected, name="sparsity", check=_check_sparsity)
+        out = []
+        for leaf, s in zip(leaves, values, strict=True):
+            if s is None:
+                out.append(_ones_like(leaf, use_jax))
+                continue
+            scores = _abs_scores(leaf, use_jax)
+            k = _num_pruned(s, scores.shape[0], use_jax)
+            out.append(_keep_lowest_k(scores, k, use_jax).reshape(np.shape(leaf)))
+        return jax.tree_util.tree_unflatten(treedef, out)
+
+    # global scope: one ranking over the concatenation of the selected leaves
+    if isinstance(sparsity, Mapping | list | tuple):
+        raise TypeError("scope='global' takes one sparsity number, not a per-leaf mapping")
+    _check_sparsity(sparsity, "<global>")
+    chosen = [i for i, s in enumerate(selected) if s]
+    if not chosen:
+        raise ValueError("no leaf is selected for pruning (check where=)")
+    xp = jnp if use_jax else np
+    flat = [_abs_scores(leaves[i], use_jax).astype(np.float32) for i in chosen]
+    if not use_jax and any(np.result_type(leaves[i]) == np.float64 for i in chosen):
+        flat = [_abs_scores(leaves[i], use_jax).astype(np.float64) for i in chosen]
+    scores = xp.concatenate(flat)
+    k = _num_pruned(sparsity, scores.shape[0], use_jax)
+    keep = _keep_lowest_k(scores, k, use_jax)
+    out = [_ones_like(leaf, use_jax) for leaf in leaves]
+    offset = 0
+    for i in chosen:
+        n = int(np.prod(np.shape(leaves[i]), dtype=np.int64))
+        out[i] = keep[offset : offset + n].reshape(np.shape(leaves[i]))
+        offset += n
+    return jax.tree_util.tree_unflatten(treedef, out)
+
+
+def unit_masks(
+    params: PyTree,
+    sparsity: Any,
+    *,
+    ord: int | float = 2,
+    where: Where | None = None,
+) -> PyTree:
+    """Prune whole output units (neurons): the columns of ``(in, out)`` kernels with smallest norm.
+
+    Unit (neuron) pruning as in Molchanov et al. (2017), "Pruning Convolutional Neural Networks
+    for Resource Efficient Inference" and Li et al. (2017), "Pruning Filters for Efficient
+    ConvNets": rank the output units of each layer by the ``ord``-norm of their incoming weights
+    (column ``j`` of the kernel) and prune ``round(s * out)`` of them, ties by column index.  The
+    bias entry paired with a pruned column is pruned too (Flax ``kernel``/``bias`` siblings; the
+    ``[W, b, W, b, ...]`` layout of Keras ``get_weights()``).
+
+    Args:
+      params: any pytree of arrays; every selected leaf must be 2-D ``(in, out)``.
+      sparsity: fraction of units to prune per selected kernel; number or per-leaf mapping.
+      ord: the norm order (``2`` = L2, ``1`` = L1, ``np.inf`` = max).
+      where: ``(path, leaf) -> bool`` selecting kernels (default: ``ndim >= 2``).
+
+    Returns:
+      A pytree of boolean masks (True = kept): whole columns of kernels, matching bias entries.
+
+    Raises:
+      ValueError: a selected leaf is not 2-D, or a bad sparsity.
+    """
+    paths, leaves, treedef, selected = _validated(params, where)
+    for p, leaf, s in zip(paths, leaves, selected, strict=True):
+        if s and np.ndim(leaf) != 2:
+            raise ValueError(
+                f"unit_masks needs 2-D (in, out) kernels, but leaf {p!r} has shape "
+                f"{np.shape(leaf)}; exclude it with where="
+            )
+    use_jax = _use_jax(leaves, *_sparsity_leaves(sparsity))
+    xp = jnp if use_jax else np
+    values = per_leaf_values(sparsity, paths, selected, name="sparsity", check=_check_sparsity)
+    bias_of = {layer.kernel: layer.bias for layer in dense_layers(params)}
+    out = [_ones_like(leaf, use_jax) for leaf in leaves]
+    for i, (leaf, s) in enumerate(zip(leaves, values, strict=True)):
+        if s is None:
+            continue
+        w = xp.asarray(leaf).astype(_score_dtype(leaf))
+        norms = xp.linalg.norm(w, ord=ord, axis=0)
+        k = _num_pruned(s, norms.shape[0], use_jax)
+        cols = _keep_lowest_k(norms, k, use_jax)
+        out[i] = xp.broadcast_to(cols[None, :], np.shape(leaf))
+        b = bias_of.get(i)
+        if b is not None and not selected[b]:
+            out[b] = cols
+    return jax.tree_util.tree_unflatten(treedef, out)
+
+
+def threshold_masks(
+    params: PyTree,
+    quality: Any,
+    *,
+    where: Where | None = None,
+) -> PyTree:
+    """Prune ``|w| < quality * std(w)`` per leaf.
+
+    The threshold rule of Han, Pool, Tran & Dally (2015), "Learning both Weights and Connections
+    for Efficient Neural Networks": each layer's threshold is a quality parameter times the
+    standard deviation of that layer's weights.  Unlike :func:`magnitude_masks` the number of
+    pruned weights is whatever the threshold gives.
+
+    Args:
+      params: any pytree of arrays.
+      quality: non-negative finite number, or a per-leaf mapping/pytree of them.
+      where: ``(path, leaf) -> bool`` selecting leaves (default: ``ndim >= 2``).
+
+    Returns:
+      A pytree of boolean masks (True = kept).
+    """
+
+    def check_quality(q: Any, path: str) -> Any:
+        if is_traced(q):
+            return q
+        try:
+            f = float(q)
+        except (TypeError, ValueError):
+            raise TypeError(f"quality for leaf {path!r} must be a number") from None
+        if not np.isfinite(f) or f < 0:
+            raise ValueError(f"quality for leaf {path!r} must be finite and >= 0, got {q!r}")
+        return q
+
+    paths, leaves, treedef, selected = _validated(params, where)
+    use_jax = _use_jax(leaves, *_sparsity_leaves(quality))
+    xp = jnp if use_jax else np
+    values = per_leaf_values(quality, paths, selected, name="quality", check=check_quality)
+    out = []
+    for leaf, q in zip(leaves, values, strict=True):
+        if q is None:
+            out.append(_ones_like(leaf, use_jax))
+            continue
+        w = xp.asarray(leaf).astype(_score_dtype(leaf))
+        out.append(xp.abs(w) >= q * xp.std(w))
+    return jax.tree_util.tree_unflatten(treedef, out)
+
+
+def nm_masks(
+    params: PyTree,
+    n: int,
+    m: int,
+    *,
+    axis: int = 0,
+    where: Where | None = None,
+) -> PyTree:
+    """N:M structured sparsity: keep the ``n`` largest-magnitude entries of every ``m``.
+
+    Mishra et al. (2021), "Accelerating Sparse Deep Neural Networks" (2:4 sparsity on NVIDIA
+    Ampere/Hopper sparse tensor cores); Zhou et al. (2021), "Learning N:M Fine-grained Structured
+    Sparse Neural Networks From Scratch".  Groups are ``m`` consecutive entries along ``axis``
+    (default 0, the input axis of an ``(in, out)`` kernel, which is the reduction axis of
+    ``x @ W``); within a group ties are broken by index, lower index pruned first.
+
+    Args:
+      params: any pytree of arrays.
+      n: entries kept per group, ``0 <= n <= m``.
+      m: group size, ``m >= 1``; ``leaf.shape[axis]`` must be divisible by ``m``.
+      axis: the grouping axis of each selected leaf.
+      where: ``(path, leaf) -> bool`` selecting leaves (default: ``ndim >= 2``).
+
+    Returns:
+      A pytree of boolean masks (True = kept), exactly ``n`` True per group.
+    """
+    for name, v in (("n", n), ("m", m)):
+        if isinstance(v, bool) or not isinstance(v, int | np.integer):
+            raise TypeError(f"{name} must be an int, got {type(v).__name__}")
+    if m < 1:
+        raise ValueError(f"m must be >= 1, got {m}")
+    if not 0 <= n <= m:
+        raise ValueError(f"n must be in [0, m] = [0, {m}], got n={n}")
+    paths, leaves, treedef, selected = _validated(params, where)
+    use_jax = _use_jax(leaves)
+    xp = jnp if use_jax else np
+    out = []
+    for p, leaf, s in zip(paths, leaves, selected, strict=True):
+        if not s:
+            out.append(_ones_like(leaf, use_jax))
+            continue
+        shape = np.shape(leaf)
+        if not -len(shape) <= axis < len(shape):
+            raise ValueError(f"axis {axis} is out of range for leaf {p!r} of shape {shape}")
+        if shape[axis] % m:
+            raise ValueError(
+                f"leaf {p!r} has shape {shape}: dimension {shape[axis]} along axis {axis} "
+                f"is not divisible by m={m}"
+            )
+        w = xp.moveaxis(xp.abs(xp.asarray(leaf).astype(_score_dtype(leaf))), axis, -1)
+        moved = w.shape
+        groups = w.reshape(-1, m)
+        order = (
+            xp.argsort(groups, axis=-1, stable=True)
+            if use_jax
+            else np.argsort(groups, axis=-1, kind="stable")
+        )
+        ranks = xp.argsort(order, axis=-1)  # rank of each entry within its group
+        keep = (ranks >= m - n).reshape(moved)
+        out.append(xp.moveaxis(keep, -1, axis))
+    return jax.tree_util.tree_unflatten(treedef, out)
+
+
+def block_masks(
+    params: PyTree,
+    sparsity: Any,
+    *,
+    block: tuple[int, int] = (16, 16),
+    where: Where | None = None,
+) -> PyTree:
+    """Prune whole ``(bh, bw)`` blocks with the smallest L2 (Frobenius) norm.
+
+    Block sparsity as in Gray, Radford & Kingma (2017), "GPU Kernels for Block-Sparse Weights"
+    and Narang et al. (2017), "Block-Sparse Recurrent Neural Networks": the block grid of each
+    2-D kernel is ranked by block norm and ``round(s * num_blocks)`` blocks are pruned, ties by
+    row-major block index.
+
+    Args:
+      params: any pytree of arrays; selected leaves must be 2-D with shapes divisible by
+        ``block`` (no implicit padding).
+      sparsity: fraction of blocks to prune; number or per-leaf mapping.
+      block: ``(bh, bw)`` block shape.
+      where: ``(path, leaf) -> bool`` selecting leaves (default: ``ndim >= 2``).
+
+    Returns:
+      A pytree of boolean masks (True = kept), constant on every block.
+    """
+    if (
+        not isinstance(block, tuple | list)
+        or len(block) != 2
+        or not all(isinstance(b, int | np.integer) and not isinstance(b, bool) for b in block)
+        or min(block) < 1
+    ):
+        raise ValueError(f"block must be a pair of positive ints (bh, bw), got {block!r}")
+    bh, bw = int(block[0]), int(block[1])
+    paths, leaves, treedef, selected = _validated(params, where)
+    for p, leaf, s in zip(paths, leaves, selected, strict=True):
+        if not s:
+            continue
+        shape = np.shape(leaf)
+        if len(shape) != 2:
+            raise ValueError(
+                f"block_masks needs 2-D kernels, but leaf {p!r} has shape {shape}; "
+                "exclude it with where="
+            )
+        if shape[0] % bh or shape[1] % bw:
+            raise ValueError(
+                f"leaf {p!r} of shape {shape} is not divisible into ({bh}, {bw}) blocks"
+            )
+    use_jax = _use_jax(leaves, *_sparsity_leaves(sparsity))
+    xp = jnp if use_jax else np
+    values = per_leaf_values(sparsity, paths, selected, name="sparsity", check=_check_sparsity)
+    out = []
+    for leaf, s in zip(leaves, values, strict=True):
+        if s is None:
+            out.append(_ones_like(leaf, use_jax))
+            continue
+        r, c = np.shape(leaf)
+        w = xp.asarray(leaf).astype(_score_dtype(leaf))
+        blocks = w.reshape(r // bh, bh, c // bw, bw)
+        norms = xp.sqrt(xp.sum(blocks * blocks, axis=(1, 3))).reshape(-1)
+        k = _num_pruned(s, norms.shape[0], use_jax)
+        keep = _keep_lowest_k(norms, k, use_jax).reshape(r // bh, c // bw)
+        out.append(xp.repeat(xp.repeat(keep, bh, axis=0), bw, axis=1))
+    return jax.tree_util.tree_unflatten(treedef, out)
+
+
+def random_masks(
+    key: jax.Array,
+    params: PyTree,
+    sparsity: Any,
+    *,
+    where: Where | None = None,
+) -> PyTree:
+    """Prune a uniformly random subset of exactly ``round(s * n)`` entries per selected leaf.
+
+    The control baseline of pruning studies (e.g. Liu et al. 2019, "Rethinking the Value of
+    Network Pruning"; Frankle & Carbin 2019).  Deterministic in ``key``; each leaf uses
+    ``jax.random.fold_in(key, leaf_index)``.
+
+    Args:
+      key: a ``jax.random`` key (``jax.random.key(0)`` or ``jax.random.PRNGKey(0)``).
+      params: any pytree of arrays (values unused; shapes and selection only).
+      sparsity: fraction to prune; number or per-leaf mapping.
+      where: ``(path, leaf) -> bool`` selecting leaves (default: ``ndim >= 2``).
+
+    Returns:
+      A pytree of boolean masks (True = kept).
+    """
+    paths, leaves, treedef = flatten(params)
+    selected = select(paths, leaves, where)
+    use_jax = _use_jax(leaves, *_sparsity_leaves(sparsity))
+    values = per_leaf_values(sparsity, paths, selected, name="sparsity", check=_check_sparsity)
+    out = []
+    for i, (leaf, s) in enumerate(zip(leaves, values, strict=True)):
+        if s is None:
+            out.append(_ones_like(leaf, use_jax))
+            continue
+        size = int(np.prod(np.shape(leaf), dtype=np.int64))
+        scores = jax.random.uniform(jax.random.fold_in(key, i), (size,))
+        k = _num_pruned(s, size, True)
+        keep = _keep_lowest_k(scores, k, True).reshape(np.shape(leaf))
+        out.append(keep if use_jax else np.asarray(keep))
+    return jax.tree_util.tree_unflatten(treedef, out)
+
+
+# ----------------------------------------------------------------------------- mask algebra
+
+
+def apply_masks(params: PyTree, masks: PyTree) -> PyTree:
+    """Zero the pruned entries: ``where(mask, param, 0)`` leaf by leaf, dtypes preserved.
+
+    Args:
+      params: any pytree of arrays.
+      masks: boolean pytree of the same structure and shapes.
+
+    Returns:
+      The pruned params (same kinds of arrays as ``params``).
+
+    Raises:
+      ValueError: structures or shapes differ (the message names the leaf).
+      TypeError: a mask leaf is not boolean.
+    """
+    _, leaves, mleaves, treedef = check_same_structure(params, masks)
+    out = []
+    for leaf, m in zip(leaves, mleaves, strict=True):
+        if is_jax(leaf) or is_jax(m):
+            out.append(jnp.where(m, leaf, jnp.zeros((), jnp.asarray(leaf).dtype)))
+        else:
+            out.append(np.where(m, leaf, np.zeros((), np.result_type(leaf))))
+    return jax.tree_util.tree_unflatten(treedef, out)
+
+
+def combine(masks: PyTree, *others: PyTree) -> PyTree:
+    """Logical AND of two or more mask trees (an entry is kept only if every tree keeps it).
+
+    Args:
+      masks: a boolean pytree.
+      *others: more boolean pytrees of the same structure and shapes.
+
+    Returns:
+      The intersection mask tree.
+    """
+    if not others:
+        raise TypeError("combine needs at least two mask trees")
+    paths, leaves, treedef = flatten(masks, what="masks")
+    for p, leaf in zip(paths, leaves, strict=True):
+        if np.result_type(leaf) != np.bool_:
+            raise TypeError(f"masks leaf {p!r} has dtype {np.result_type(leaf)}, expected bool")
+    for other in others:
+        _, _, oleaves, _ = check_same_structure(masks, other)
+        leaves = [
+            (jnp.logical_and if is_jax(a) or is_jax(b) else np.logical_and)(a, b)
+            for a, b in zip(leaves, oleaves, strict=True)
+        ]
+    return jax.tree_util.tree_unflatten(treedef, leaves)
+
+
+# ----------------------------------------------------------------------------- report
+
+
+@dataclass(frozen=True)
+class SparsityReport:
+    """Per-leaf and total counts of kept entries; ``str(report)`` is a readable table.
+
+    Attributes:
+      rows: one dict per leaf: ``path``, ``shape``, ``kept``, ``total``, ``sparsity``.
+      kept: kept entries over all leaves.
+      total: entries over all leaves.
+    """
+
+    rows: list[dict[str, Any]] = field(default_factory=list)
+    kept: int = 0
+    total: int = 0
+
+    @property
+    def sparsity(self) -> float:
+        return 1.0 - self.kept / self.total if self.total else 0.0
+
+    @property
+    def density(self) -> float:
+        return 1.0 - self.sparsity
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "leaves": [dict(r) for r in self.rows],
+            "kept": self.kept,
+            "total": self.total,
+            "sparsity": self.sparsity,
+        }
+
+    def __str__(self) -> str:
+        header = ("leaf", "shape", "kept", "total", "kept %", "sparsity")
+        body = [
+            (
+                r["path"],
+                "x".join(map(str, r["shape"])) or "scalar",
+                f"{r['kept']:,}",
+                f"{r['total']:,}",
+                f"{100 * (1 - r['sparsity']):.2f}",
+                f"{r['sparsity']:.4f}",
+            )
+            for r in self.rows
+        ]
+        body.append(
+            (
+                "total",
+                "",
+                f"{self.kept:,}",
+                f"{self.total:,}",
+                f"{100 * self.density:.2f}",
+                f"{self.sparsity:.4f}",
+            )
+        )
+        widths = [max(len(h), *(len(row[i]) for row in body)) for i, h in enumerate(header)]
+
+        def fmt(row: Sequence[str]) -> str:
+            cells = [row[0].ljust(widths[0])] + [c.rjust(w) for c, w in zip(row[1:], widths[1:])]
+            return "  ".join(cells).rstrip()
+
+        rule = "  ".join("-" * w for w in widths)
+        return "\n".join([fmt(header), rule, *map(fmt, body[:-1]), rule, fmt(body[-1])])
+
+
+def sparsity_report(tree: PyTree, *, where: Where | None = None) -> SparsityReport:
+    """Count kept entries per leaf of params (nonzeros) or masks (True entries).
+
+    Args:
+      tree: a params pytree (kept = nonzero) or a boolean mask pytree (kept = True).
+      where: optional ``(path, leaf) -> bool`` restricting which leaves are reported
+        (default: all leaves, biases included).
+
+    Returns:
+      A :class:`SparsityReport`; ``print(report)`` shows the table, ``report.to_dict()`` the data.
+    """
+    paths, leaves, _ = flatten(tree)
+    chosen = select(paths, leaves, where) if where is not None else [True] * len(paths)
+    rows = []
+    kept_total = total = 0
+    for p, leaf, c in zip(paths, leaves, chosen, strict=True):
+        if not c:
+            continue
+        if hasattr(leaf, "todense") and not isinstance(leaf, np.ndarray | jax.Array):
+            leaf = leaf.todense()
+        arr = np.asarray(leaf)
+        kept = int(np.count_nonzero(arr))
+        n = int(arr.size)
+        rows.append(
+            {
+                "path": p,
+                "shape": tuple(int(d) for d in arr.shape),
+                "kept": kept,
+                "total": n,
+                "sparsity": 1.0 - kept / n if n else 0.0,
+            }
+        )
+        kept_total += kept
+        total += n
+    return SparsityReport(rows=rows, kept=kept_total, total=total)
