@@ -29,6 +29,7 @@ __all__ = [
     "is_matrix_object",
     "ndim",
     "path_str",
+    "dtype_of",
     "is_jax",
     "is_traced",
     "default_where",
@@ -84,6 +85,11 @@ def flatten(tree: PyTree, *, what: str = "params") -> tuple[list[str], list[Any]
                 "convert it with np.asarray or jnp.asarray first"
             )
     return paths, leaves, treedef
+
+
+def dtype_of(x: Any) -> np.dtype:
+    """The dtype of an array, tracer or scalar (without NumPy's deprecated array coercion)."""
+    return np.dtype(x.dtype) if hasattr(x, "dtype") else np.result_type(x)
 
 
 def is_traced(x: Any) -> bool:
@@ -242,8 +248,8 @@ def check_same_structure(
             raise ValueError(
                 f"{what} leaf {p!r} has shape {np.shape(b)} but the params leaf has {np.shape(a)}"
             )
-        if check_bool and np.result_type(b) != np.bool_:
-            raise TypeError(f"{what} leaf {p!r} has dtype {np.result_type(b)}, expected bool")
+        if check_bool and dtype_of(b) != np.bool_:
+            raise TypeError(f"{what} leaf {p!r} has dtype {dtype_of(b)}, expected bool")
     return paths, leaves, other_leaves, treedef
 
 

@@ -40,6 +40,7 @@ from prunejax._tree import (
     check_fraction,
     check_same_structure,
     dense_layers,
+    dtype_of,
     flatten,
     is_jax,
     is_traced,
@@ -66,7 +67,7 @@ __all__ = [
 
 def _score_dtype(x: Any) -> Any:
     """Scores are compared in float32 for half types, else in the leaf's own float type."""
-    dt = np.result_type(x) if not is_jax(x) else x.dtype
+    dt = dtype_of(x)
     if dt in (jnp.bfloat16, np.float16) or np.dtype(dt).kind not in "f":
         return np.float32
     return dt
@@ -186,7 +187,7 @@ def magnitude_masks(
         raise ValueError("no leaf is selected for pruning (check where=)")
     xp = jnp if use_jax else np
     flat = [_abs_scores(leaves[i], use_jax).astype(np.float32) for i in chosen]
-    if not use_jax and any(np.result_type(leaves[i]) == np.float64 for i in chosen):
+    if not use_jax and any(dtype_of(leaves[i]) == np.float64 for i in chosen):
         flat = [_abs_scores(leaves[i], use_jax).astype(np.float64) for i in chosen]
     scores = xp.concatenate(flat)
     k = _num_pruned(sparsity, scores.shape[0], use_jax)
@@ -490,7 +491,7 @@ def apply_masks(params: PyTree, masks: PyTree) -> PyTree:
         if is_jax(leaf) or is_jax(m):
             out.append(jnp.where(m, leaf, jnp.zeros((), jnp.asarray(leaf).dtype)))
         else:
-            out.append(np.where(m, leaf, np.zeros((), np.result_type(leaf))))
+            out.append(np.where(m, leaf, np.zeros((), dtype_of(leaf))))
     return jax.tree_util.tree_unflatten(treedef, out)
 
 
@@ -508,8 +509,8 @@ def combine(masks: PyTree, *others: PyTree) -> PyTree:
         raise TypeError("combine needs at least two mask trees")
     paths, leaves, treedef = flatten(masks, what="masks")
     for p, leaf in zip(paths, leaves, strict=True):
-        if np.result_type(leaf) != np.bool_:
-            raise TypeError(f"masks leaf {p!r} has dtype {np.result_type(leaf)}, expected bool")
+        if dtype_of(leaf) != np.bool_:
+            raise TypeError(f"masks leaf {p!r} has dtype {dtype_of(leaf)}, expected bool")
     for other in others:
         _, _, oleaves, _ = check_same_structure(masks, other)
         leaves = [

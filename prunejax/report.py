@@ -1,0 +1,369 @@
+"""How small and how cheap a pruned model really is: bytes per format, file sizes and FLOPs.
+
+``size_report`` answers, per dense layer and in total: how many weights survive, how many bytes
+each storage form takes in a file written by ``prunejax.io.save`` (dense, dense+bitmask, CSR,
+BCOO, compacted, and the per-leaf smallest), the density below which each sparse form beats
+dense, how many FLOPs one example costs dense, sparse and compacted, and how large the saved file
+really is.
+
+Byte counts are exact file bytes, not payload estimates: every member of the ``.npz`` archive
+costs its payload, a ``.npy`` header (128 bytes for ordinary shapes) and ``76 + 2 * len(name)``
+bytes of ZIP headers; a file adds its JSON header and a 22-byte end record (see
+``prunejax.io``).  The predicted size of each whole file therefore matches ``save``'s output to
+the byte, which the tests check.
+
+FLOPs per example count multiply-adds as 2 FLOPs and ignore biases and activations: ``2 * in *
+out`` for a dense layer, ``2 * nnz`` for a sparse kernel (Han et al. 2015, "Learning both Weights
+and Connections for Efficient Neural Networks", Table 1 convention), ``2 * in' * out'`` for the
+compacted kernel.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from prunejax import io as pio
+from prunejax._tree import PyTree, dense_layers
+
+__all__ = ["LayerSize", "SizeReport", "size_report"]
+
+#: The per-layer byte columns of the report, in display order.
+COLUMNS = ("dense", "bitmask", "csr", "bcoo", "compact", "auto")
+_SPARSE = ("bitmask", "csr", "bcoo")
+
+
+@dataclass(frozen=True)
+class LayerSize:
+    """One row of a ``SizeReport``: a dense layer (kernel + bias) or a leaf outside any layer.
+
+    Attributes:
+      name: the layer name (``"Dense_0"``, or the kernel's path for Keras lists) or leaf path.
+      paths: the leaf paths the row covers.
+      shape: the kernel's shape (the leaf's shape for rows that are not layers).
+      params: number of entries (kernel + bias).
+      nnz: number of nonzero entries (after masks).
+      dense_bytes: raw dense payload, ``params * itemsize``.
+      bytes: file bytes of the row's members in each format of ``COLUMNS`` (``None`` for
+        ``"compact"`` when params are not a compactable MLP).
+      auto_encodings: the encoding ``format="auto"`` picks for each leaf.
+      compact_shape: the kernel's shape after compaction (``None`` if not compactable).
+      flops_dense, flops_sparse, flops_compact: FLOPs per example (0 for non-layer rows).
+      break_even: per sparse format, the largest density at which the kernel in that format
+        takes no more file bytes than dense (0.0: never).
+    """
+
+    name: str
+    paths: tuple[str, ...]
+    shape: tuple[int, ...]
+    params: int
+    nnz: int
+    dense_bytes: int
+    bytes: dict[str, int | None]
+    auto_encodings: tuple[str, ...]
+    compact_shape: tuple[int, ...] | None
+    flops_dense: int
+    flops_sparse: int
+    flops_compact: int | None
+    break_even: dict[str, float]
+
+    @property
+    def density(self) -> float:
+        return self.nnz / self.params if self.params else 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "paths": list(self.paths),
+            "shape": list(self.shape),
+            "params": self.params,
+            "nnz": self.nnz,
+            "density": self.density,
+            "dense_bytes": self.dense_bytes,
+            "bytes": dict(self.bytes),
+            "auto_encodings": list(self.auto_encodings),
+            "compact_shape": None if self.compact_shape is None else list(self.compact_shape),
+            "flops_dense": self.flops_dense,
+            "flops_sparse": self.flops_sparse,
+            "flops_compact": self.flops_compact,
+            "break_even": dict(self.break_even),
+        }
+
+
+@dataclass(frozen=True)
+class SizeReport:
+    """The result of ``size_report``: per-layer rows, totals and whole-file sizes.
+
+    Attributes:
+      layers: one ``LayerSize`` per dense layer (forward order), then one per other leaf.
+      predicted_file_bytes: exact size of the file ``prunejax.io.save`` writes in each format of
+        ``COLUMNS`` (JSON header and archive overhead included; ``None`` where the format does
+        not apply).
+      file_format: the format of the measured file.
+      file_bytes: the measured size of that file.
+      file_path: the measured file's path (``None`` when a temporary file was used).
+    """
+
+    layers: list[LayerSize]
+    predicted_file_bytes: dict[str, int | None]
+    file_format: str
+    file_bytes: int
+    file_path: str | None
+
+    def total(self) -> dict[str, Any]:
+        """Sums over all rows (``None`` propagates for the compacted columns)."""
+
+        def tot(values: list[int | None]) -> int | None:
+            return None if any(v is None for v in values) else int(sum(values))  # type: ignore[arg-type]
+
+        params = sum(r.params for r in self.layers)
+        nnz = sum(r.nnz for r in self.layers)
+        return {
+            "params": params,
+            "nnz": nnz,
+            "density": nnz / params if params else 0.0,
+            "dense_bytes": sum(r.dense_bytes for r in self.layers),
+            "bytes": {c: tot([r.bytes[c] for r in self.layers]) for c in COLUMNS},
+            "flops_dense": sum(r.flops_dense for r in self.layers),
+            "flops_sparse": sum(r.flops_sparse for r in self.layers),
+            "flops_compact": tot([r.flops_compact for r in self.layers]),
+        }
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-serialisable dict of everything in the report."""
+        return {
+            "layers": [r.to_dict() for r in self.layers],
+            "total": self.total(),
+            "predicted_file_bytes": dict(self.predicted_file_bytes),
+            "file": {
+                "format": self.file_format,
+                "bytes": self.file_bytes,
+                "path": self.file_path,
+                "predicted_bytes": self.predicted_file_bytes.get(self.file_format),
+            },
+        }
+
+    def __str__(self) -> str:
+        def kb(b: int | None) -> str:
+            return "-" if b is None else f"{b / 1000:,.1f}k"
+
+        def fl(f: int | None) -> str:
+            return "-" if f is None else f"{f:,}"
+
+        head = ["layer", "shape", "params", "nnz", "density", *COLUMNS]
+        head += ["FLOPs dense", "FLOPs sparse", "FLOPs compact"]
+        rows = []
+        for r in self.layers:
+            rows.append(
+                [
+                    r.name,
+                    "x".join(map(str, r.shape)),
+                    f"{r.params:,}",
+                    f"{r.nnz:,}",
+                    f"{100 * r.density:.1f}%",
+                    *(kb(r.bytes[c]) for c in COLUMNS),
+                    fl(r.flops_dense),
+                    fl(r.flops_sparse),
+                    fl(r.flops_compact),
+                ]
+            )
+        t = self.total()
+        rows.append(
+            [
+                "total",
+                "",
+                f"{t['params']:,}",
+                f"{t['nnz']:,}",
+                f"{100 * t['density']:.1f}%",
+                *(kb(t["bytes"][c]) for c in COLUMNS),
+                fl(t["flops_dense"]),
+                fl(t["flops_sparse"]),
+                fl(t["flops_compact"]),
+            ]
+        )
+        rows.append(
+            ["whole file", "", "", "", "", *(kb(self.predicted_file_bytes[c]) for c in COLUMNS)]
+            + ["", "", ""]
+        )
+        widths = [max(len(str(x[i])) for x in [head, *rows]) for i in range(len(head))]
+        lines = ["Size report (bytes are file bytes, k = 1000; FLOPs per example)"]
+        for line in [head, *rows]:
+            cells = [
+                str(c).ljust(w) if i == 0 else str(c).rjust(w)
+                for i, (c, w) in enumerate(zip(line, widths, strict=True))
+            ]
+            lines.append("  ".join(cells).rstrip())
+        lines.append("")
+        lines.append("Break-even density (largest density at which the format is no larger):")
+        for r in self.layers:
+            if r.break_even:
+                parts = ", ".join(f"{f} {100 * d:.1f}%" for f, d in r.break_even.items())
+                lines.append(f"  {r.name}: {parts}")
+        dense_file = self.predicted_file_bytes["dense"]
+        pred = self.predicted_file_bytes.get(self.file_format)
+        where = self.file_path if self.file_path is not None else "temporary file"
+        lines.append("")
+        lines.append(
+            f"Saved file ({where}, format={self.file_format!r}): {self.file_bytes:,} bytes"
+            + (f" (predicted {pred:,})" if pred is not None else "")
+            + (
+                f", {100 * self.file_bytes / dense_file:.1f}% of the dense file"
+                if dense_file
+                else ""
+            )
+        )
+        return "\n".join(lines)
+
+
+def _break_even(fmt: str, shape: tuple[int, ...], dtype: np.dtype, index: int) -> float:
+    """Largest density at which ``fmt`` takes no more file bytes than dense (binary search)."""
+    size = math.prod(shape)
+    if size == 0:
+        return 0.0
+    dense = pio.leaf_bytes("dense", shape, dtype, 0, index=index)
+    if pio.leaf_bytes(fmt, shape, dtype, 0, index=index) > dense:
+        return 0.0
+    lo, hi = 0, size  # invariant: bytes(lo) <= dense
+    if pio.leaf_bytes(fmt, shape, dtype, hi, index=index) <= dense:
+        return 1.0
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        if pio.leaf_bytes(fmt, shape, dtype, mid, index=index) <= dense:
+            lo = mid
+        else:
+            hi = mid
+    return lo / size
+
+
+def _leaf_member_bytes(plan: Any) -> list[int]:
+    """File bytes of each leaf's members in a plan."""
+    out = []
+    for i, (arr, enc, meta) in enumerate(
+        zip(plan.leaves, plan.encodings, plan.header["leaves"], strict=True)
+    ):
+        out.append(pio.leaf_bytes(enc, arr.shape, arr.dtype, meta["nnz"], index=i))
+    return out
+
+
+def size_report(
+    params: PyTree,
+    *,
+    masks: PyTree | None = None,
+    path: str | os.PathLike | None = None,
+    activation: Callable | None = None,
+    format: str = "auto",
+) -> SizeReport:
+    """Per-layer and total sizes, break-even densities, FLOPs and file sizes of a pruned model.
+
+    Args:
+      params: a params pytree (any pytree ``prunejax.io.save`` accepts); rows are its dense
+        layers (``prunejax._tree.dense_layers``) plus one row per other leaf.
+      masks: optional bool pytree of ``params``' structure (True = kept), applied first.
+      path: a file written by ``prunejax.io.save`` to measure; by default the params are saved
+        in ``format`` to a temporary file that is measured and deleted.
+      activation: the model's nonlinearity; passed to ``save`` (it enables compaction in
+        ``"auto"``).  Compacted sizes and FLOPs do not depend on it (which units die depends only
+        on the zeros), so the ``"compact"`` column is filled either way for an MLP.
+      format: the format of the temporary file that is measured when ``path`` is None.
+
+    Returns:
+      A ``SizeReport``: ``str(report)`` is a readable table, ``report.to_dict()`` a dict.
+
+    Raises:
+      ValueError/TypeError: as ``prunejax.io.save`` (unknown format, NaN weights naming the
+        leaf, mismatched masks, ...); ``FileNotFoundError`` if ``path`` does not exist.
+    """
+    plans: dict[str, Any] = {}
+    for fmt in ("dense", "bitmask", "csr", "bcoo", "auto"):
+        plans[fmt] = pio._plan(params, format=fmt, masks=masks, activation=activation)
+    try:
+        plans["compact"] = pio._plan(
+            params, format="compact", masks=masks, activation=activation, structural=True
+        )
+    except ValueError:
+        plans["compact"] = None
+    dense_plan = plans["dense"]
+    paths = [m["path"] for m in dense_plan.header["leaves"]]
+    leaves = dense_plan.leaves
+    member_bytes = {f: (None if p is None else _leaf_member_bytes(p)) for f, p in plans.items()}
+    auto_enc = plans["auto"].encodings
+    compact_leaves = None if plans["compact"] is None else plans["compact"].leaves
+
+    try:
+        layers = dense_layers(params)
+    except (ValueError, TypeError):
+        layers = []
+    groups: list[tuple[str, list[int], int | None]] = []
+    owned: set[int] = set()
+    for layer in layers:
+        idx = [layer.kernel] + ([layer.bias] if layer.bias is not None else [])
+        owned.update(idx)
+        groups.append((layer.name, idx, layer.kernel))
+    for i, p in enumerate(paths):
+        if i not in owned:
+            groups.append((p, [i], None))
+
+    rows = []
+    for name, idx, kernel in groups:
+        nnz = sum(dense_plan.header["leaves"][i]["nnz"] for i in idx)
+        size = sum(leaves[i].size for i in idx)
+        b: dict[str, int | None] = {}
+        for fmt in COLUMNS:
+            mb = member_bytes[fmt]
+            b[fmt] = None if mb is None else int(sum(mb[i] for i in idx))
+        kshape = tuple(leaves[kernel if kernel is not None else idx[0]].shape)
+        cshape = None
+        if compact_leaves is not None and kernel is not None:
+            cshape = tuple(compact_leaves[kernel].shape)
+        if kernel is not None:
+            k = leaves[kernel]
+            knnz = dense_plan.header["leaves"][kernel]["nnz"]
+            flops_dense, flops_sparse = 2 * k.size, 2 * knnz
+            flops_compact = None if cshape is None else 2 * math.prod(cshape)
+            be = {f: _break_even(f, k.shape, k.dtype, kernel) for f in _SPARSE}
+        else:
+            flops_dense = flops_sparse = 0
+            flops_compact = None if compact_leaves is None else 0
+            be = {}
+        rows.append(
+            LayerSize(
+                name=name,
+                paths=tuple(paths[i] for i in idx),
+                shape=kshape,
+                params=int(size),
+                nnz=int(nnz),
+                dense_bytes=int(sum(leaves[i].nbytes for i in idx)),
+                bytes=b,
+                auto_encodings=tuple(auto_enc[i] for i in idx),
+                compact_shape=cshape,
+                flops_dense=int(flops_dense),
+                flops_sparse=int(flops_sparse),
+                flops_compact=flops_compact,
+                break_even=be,
+            )
+        )
+    predicted = {f: (None if p is None else p.nbytes()) for f, p in plans.items()}
+    predicted = {c: predicted[c] for c in COLUMNS}
+
+    if path is not None:
+        path = os.fspath(path)
+        header = pio.load_header(path)
+        file_format, file_bytes, file_path = header["format"], os.path.getsize(path), path
+    else:
+        with tempfile.TemporaryDirectory() as d:
+            tmp = os.path.join(d, "model.npz")
+            file_bytes = pio.save(tmp, params, format=format, masks=masks, activation=activation)
+        file_format, file_path = pio._check_format(format), None
+    return SizeReport(
+        layers=rows,
+        predicted_file_bytes=predicted,
+        file_format=file_format,
+        file_bytes=int(file_bytes),
+        file_path=file_path,
+    )
