@@ -1,0 +1,873 @@
+"""Keras 3 adapter: prune a Keras model, fine-tune it with masks held, compact it, report it.
+
+A Keras model's ``get_weights()`` list ``[W1, b1, W2, b2, ...]`` is already a prunejax params
+pytree, so every mask builder accepts it.  This module makes the Keras side first-class:
+
+* :func:`magnitude_masks` / :func:`unit_masks`: masks for a model (lists of boolean arrays, one per
+  ``model.weights`` entry).  :func:`unit_masks` prunes the hidden ``Dense`` layers only by default
+  (the output layer's units are the model's outputs) and pairs each bias with its own kernel by
+  layer, not by list position.
+* :func:`apply_masks`: write the masked weights into the model.
+* :func:`hold_masks`: keep pruned weights exactly zero through ``model.fit``.  It attaches a
+  :class:`MaskConstraint` to each pruned variable; Keras applies variable constraints after every
+  optimizer step, so whatever Adam's moments, momentum or weight decay propose, a pruned weight is
+  zero again before the next step reads it.  The returned :class:`MaskHold` is also a callback
+  that re-applies the masks when training ends (an optimizer with ``use_ema=True`` overwrites the
+  weights with their moving averages after the last step) and a context manager that releases
+  the constraints on exit.  The constraints live on the variables only, not in the layer configs,
+  so a saved ``.keras`` file needs nothing from prunejax to load.
+* :func:`compact_model`: a NEW, narrower ``keras.Sequential`` with the dead hidden units removed
+  (``prunejax.compact.compact`` layer by layer, bias folding included), same layer configs and
+  activations, predictions equal to the masked model's.
+* :func:`report` / :func:`format_table`: accuracy, parameters, ``.keras`` file bytes and jitted
+  inference latency of several models, measured in one process.
+
+Layers :func:`compact_model` accepts (a ``keras.Sequential`` whose only weighted layers are
+``Dense``):
+
+* ``Dense``: hidden ones are narrowed; the last ``Dense`` keeps its units.  Its activation must be
+  elementwise (``relu``, ``tanh``, ``gelu``, ``sigmoid``, ... — not ``softmax``) unless it is the
+  last ``Dense``.
+* anywhere: ``InputLayer``, ``Dropout``, ``GaussianDropout``, ``GaussianNoise`` (identities at
+  inference, unit-wise in training);
+* between ``Dense`` layers: ``Activation`` with an elementwise activation, ``ReLU``,
+  ``LeakyReLU``, ``ELU`` (folded into that layer's activation for bias folding);
+* before the first ``Dense``: ``Flatten``, ``Reshape``, ``Rescaling`` (they touch only the inputs,
+  which are never removed);
+* after the last ``Dense``: any layer without weights (``Softmax``, ``Activation("softmax")``, ...):
+  the outputs are never removed.
+
+Anything else (``BatchNormalization``, ``Conv2D``, ``LayerNormalization``, ``Embedding``, a LoRA or
+quantized ``Dense``, ``Flatten`` between ``Dense`` layers, ``Softmax`` between hidden layers, a
+functional or subclassed model) raises ``ValueError``/``TypeError`` naming the layer: compacting
+through such a layer would silently build a wrong model.
+
+Requires Keras 3 (``pip install prunejax[keras]``).  Masks, :func:`hold_masks` and
+:func:`compact_model` work with any Keras backend; :func:`inference_latency` (and so
+:func:`report`) needs ``KERAS_BACKEND=jax``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import random
+import re
+import statistics
+import tempfile
+import time
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import jax
+import keras
+import numpy as np
+
+from prunejax import masks as _masks
+from prunejax._tree import Where
+from prunejax.compact import Compacted, compact
+
+__all__ = [
+    "ALLOWED_LAYERS",
+    "MaskConstraint",
+    "MaskHold",
+    "ModelReport",
+    "apply_masks",
+    "compact_model",
+    "compact_weights",
+    "count_params",
+    "dense_layers",
+    "format_table",
+    "hidden_dense_where",
+    "hold_masks",
+    "inference_latency",
+    "magnitude_masks",
+    "release_masks",
+    "report",
+    "save_model",
+    "evaluate_accuracy",
+    "unit_masks",
+]
+
+Masks = list[np.ndarray]
+
+# ----------------------------------------------------------------------------- layer rules
+
+_PASSTHROUGH = ("InputLayer", "Dropout", "GaussianDropout", "GaussianNoise")
+_ACTIVATION_LAYERS = ("Activation", "ReLU", "LeakyReLU", "ELU")
+_INPUT_SIDE = ("Flatten", "Reshape", "Rescaling")
+#: Layer class names :func:`compact_model` accepts, by where they may sit.
+ALLOWED_LAYERS: dict[str, tuple[str, ...]] = {
+    "compacted": ("Dense",),
+    "anywhere": _PASSTHROUGH,
+    "between Dense layers": _ACTIVATION_LAYERS,
+    "before the first Dense": _INPUT_SIDE,
+    "after the last Dense": ("any layer without weights",),
+}
+_ELEMENTWISE = frozenset(
+    """linear relu relu6 leaky_relu elu selu celu gelu silu swish hard_silu hard_swish mish
+    sigmoid hard_sigmoid log_sigmoid tanh hard_tanh tanh_shrink soft_shrink hard_shrink softplus
+    softsign sparse_plus squareplus exponential""".split()
+)
+
+
+def _activation_name(fn: Any) -> str | None:
+    """The Keras name of a built-in activation function, or None for a custom callable."""
+    name = getattr(fn, "__name__", None)
+    if name is None:
+        return None
+    try:
+        builtin = keras.activations.get(name)
+    except (ValueError, TypeError):
+        return None
+    return name if builtin is fn else None
+
+
+def _check_elementwise(fn: Any, where: str) -> None:
+    name = _activation_name(fn)
+    if name not in _ELEMENTWISE:
+        shown = name or getattr(fn, "__name__", type(fn).__name__)
+        raise ValueError(
+            f"{where} uses activation {shown!r}, which is not a known elementwise activation; "
+            "compaction removes hidden units one by one, so it needs an elementwise activation "
+            f"between Dense layers (known: {', '.join(sorted(_ELEMENTWISE))})"
+        )
+
+
+def _cls(layer: Any) -> str:
+    """The layer's Keras class name; a subclass (which may override ``call``) gets its own name."""
+    cls = type(layer)
+    if getattr(keras.layers, cls.__name__, None) is cls:
+        return cls.__name__
+    return f"{cls.__module__}.{cls.__qualname__}"
+
+
+@dataclass(frozen=True)
+class _Plan:
+    """A validated Sequential MLP: its Dense layers and each hidden layer's activation chain."""
+
+    dense: list[Any]
+    activations: list[Callable[[Any], Any]]  # one per hidden Dense layer
+
+
+def _require_keras_model(model: Any) -> None:
+    if not isinstance(model, keras.Model):
+        raise TypeError(f"expected a keras.Model, got {type(model).__name__}")
+    if not model.built or not model.weights:
+        raise ValueError(
+            f"model {model.name!r} has no weights yet; build it (keras.Input(...) as its first "
+            "layer, or model.build(input_shape)) before pruning"
+        )
+
+
+def _plan(model: Any) -> _Plan:
+    """Validate ``model`` for compaction; see the module docstring for the rules."""
+    _require_keras_model(model)
+    if not isinstance(model, keras.Sequential):
+        raise TypeError(
+            f"compact_model needs a keras.Sequential, got {type(model).__name__} "
+            f"{model.name!r}; rebuild the MLP as a Sequential of Dense layers"
+        )
+    layers = list(model.layers)
+    dense_pos = [i for i, layer in enumerate(layers) if isinstance(layer, keras.layers.Dense)]
+    if len(dense_pos) < 1:
+        raise ValueError(f"model {model.name!r} has no Dense layer: nothing to compact")
+    first, last = dense_pos[0], dense_pos[-1]
+    for i, layer in enumerate(layers):
+        cls = _cls(layer)
+        what = f"layer {layer.name!r} ({cls}, position {i})"
+        if isinstance(layer, keras.layers.Dense):
+            if type(layer) is not keras.layers.Dense:
+                raise ValueError(
+                    f"{what} is a subclass of Dense; only keras.layers.Dense itself can be "
+                    "rebuilt from its config with fewer units"
+                )
+            expected = 2 if layer.use_bias else 1
+            if len(layer.weights) != expected:
+                raise ValueError(
+                    f"{what} holds {len(layer.weights)} weight(s) "
+                    f"({', '.join(w.path for w in layer.weights)}); only plain Dense layers "
+                    "(kernel and optional bias; no LoRA, no quantization) can be compacted"
+                )
+            if i != last:
+                _check_elementwise(layer.activation, what)
+            continue
+        if layer.weights:
+            raise ValueError(
+                f"{what} holds weights ({', '.join(w.path for w in layer.weights)}); compaction "
+                "handles MLPs whose only weighted layers are Dense, because removing a unit "
+                f"would have to change this layer too. Allowed layers: {ALLOWED_LAYERS}"
+            )
+        if cls in _PASSTHROUGH or i > last:
+            continue
+        if cls in _INPUT_SIDE and i < first:
+            continue
+        if cls in _ACTIVATION_LAYERS and first < i < last:
+            if cls == "Activation":
+                _check_elementwise(layer.activation, what)
+            continue
+        place = "before the first Dense" if i < first else "between Dense layers"
+        raise ValueError(
+            f"{what} is not allowed {place} for compaction: only {_PASSTHROUGH} anywhere, "
+            f"{_ACTIVATION_LAYERS} (elementwise) between Dense layers, {_INPUT_SIDE} before the "
+            "first Dense and weightless layers after the last Dense keep a unit-wise correspondence"
+        )
+    dense = [layers[i] for i in dense_pos]
+    activations = []
+    for a, b in zip(dense_pos[:-1], dense_pos[1:], strict=True):
+        chain = [layers[a].activation] + [
+            layer for layer in layers[a + 1 : b] if _cls(layer) in _ACTIVATION_LAYERS
+        ]
+        activations.append(_compose(chain))
+    return _Plan(dense, activations)
+
+
+def _compose(chain: list[Callable[[Any], Any]]) -> Callable[[Any], Any]:
+    def activation(x: Any) -> Any:
+        for fn in chain:
+            x = fn(x)
+        return keras.ops.convert_to_numpy(x)
+
+    return activation
+
+
+# ----------------------------------------------------------------------------- weights & masks
+
+
+def _weight_index(model: Any) -> dict[int, int]:
+    """``id(variable) -> position in model.weights / model.get_weights()``."""
+    return {id(v): i for i, v in enumerate(model.weights)}
+
+
+def dense_layers(model: Any) -> list[tuple[Any, int, int | None]]:
+    """The ``Dense`` layers of a model with the positions of their weights in ``get_weights()``.
+
+    Args:
+      model: a built ``keras.Model``.
+
+    Returns:
+      ``(layer, kernel_index, bias_index_or_None)`` per ``Dense`` layer, in ``model.layers``
+      order (nested models are searched depth-first).
+    """
+    _require_keras_model(model)
+    index = _weight_index(model)
+    out = []
+
+    def walk(layers: Iterable[Any]) -> None:
+        for layer in layers:
+            if isinstance(layer, keras.layers.Dense) and layer.built:
+                b = index[id(layer.bias)] if layer.use_bias else None
+                out.append((layer, index[id(layer.kernel)], b))
+            elif hasattr(layer, "layers"):
+                walk(layer.layers)
+
+    walk(model.layers)
+    return out
+
+
+def hidden_dense_where(model: Any) -> Where:
+    """A ``where(path, leaf)`` predicate selecting the kernels of all ``Dense`` layers but the last.
+
+    For ``model.get_weights()`` lists, leaf paths are the list positions (``"0"``, ``"2"``, ...).
+
+    Args:
+      model: a built ``keras.Model``.
+
+    Returns:
+      The predicate, for any prunejax mask builder.
+    """
+    hidden = {str(k) for _, k, _ in dense_layers(model)[:-1]}
+
+    def where(path: str, leaf: Any) -> bool:
+        del leaf
+        return path in hidden
+
+    return where
+
+
+def magnitude_masks(
+    model: Any, sparsity: Any, *, scope: str = "layer", where: Where | None = None
+) -> Masks:
+    """Magnitude masks (Han et al. 2015) for a Keras model's weights.
+
+    Args:
+      model: a built ``keras.Model``.
+      sparsity: fraction pruned per selected weight (or globally), see
+        :func:`prunejax.masks.magnitude_masks`.
+      scope: ``"layer"`` or ``"global"``.
+      where: ``(path, leaf) -> bool`` over ``get_weights()`` positions (default: every weight with
+        ``ndim >= 2``, i.e. all kernels, the output layer's included).
+
+    Returns:
+      One boolean array per ``model.weights`` entry (True = kept).
+    """
+    _require_keras_model(model)
+    return list(_masks.magnitude_masks(model.get_weights(), sparsity, scope=scope, where=where))
+
+
+def unit_masks(
+    model: Any, sparsity: Any, *, ord: int | float = 2, where: Where | None = None
+) -> Masks:
+    """Unit (neuron) masks (Molchanov et al. 2017; Li et al. 2017) for a Keras model.
+
+    Prunes the ``round(sparsity * units)`` columns of smallest ``ord``-norm of each selected
+    ``Dense`` kernel and the layer's own bias entries for them (paired by layer, so a
+    ``BatchNormalization`` vector next to a bias-free kernel is never mistaken for its bias).
+
+    Args:
+      model: a built ``keras.Model``.
+      sparsity: fraction of units pruned per selected kernel, or a per-position mapping.
+      ord: norm order of the unit ranking.
+      where: ``(path, leaf) -> bool`` over ``get_weights()`` positions (default:
+        :func:`hidden_dense_where`, all ``Dense`` kernels but the output layer's).
+
+    Returns:
+      One boolean array per ``model.weights`` entry (True = kept).
+
+    Raises:
+      ValueError: ``where`` selects a weight that is not 2-D, or a bad sparsity.
+    """
+    where = hidden_dense_where(model) if where is None else where
+    weights = model.get_weights()
+    masks = list(_masks.unit_masks(weights, sparsity, ord=ord, where=where))
+    # Re-pair biases by layer (the list heuristic pairs a kernel with the next 1-D weight).
+    kernels = {k: b for _, k, b in dense_layers(model)}
+    for i, w in enumerate(weights):
+        if w.ndim < 2:
+            masks[i] = np.ones(w.shape, bool)
+    for k, b in kernels.items():
+        if b is not None:
+            masks[b] = np.asarray(masks[k]).all(axis=0)
+    return [np.asarray(m) for m in masks]
+
+
+def _check_masks(model: Any, masks: Sequence[Any]) -> list[np.ndarray]:
+    _require_keras_model(model)
+    if isinstance(masks, Mapping) or not isinstance(masks, Sequence):
+        raise TypeError(
+            f"masks must be a list with one boolean array per model.weights entry, got "
+            f"{type(masks).__name__}"
+        )
+    weights = model.weights
+    if len(masks) != len(weights):
+        raise ValueError(
+            f"masks has {len(masks)} entries but model {model.name!r} has {len(weights)} weights"
+        )
+    out = []
+    for i, (m, v) in enumerate(zip(masks, weights, strict=True)):
+        m = np.asarray(m)
+        if m.dtype != np.bool_:
+            raise TypeError(f"masks[{i}] (for {v.path!r}) has dtype {m.dtype}, expected bool")
+        if m.shape != tuple(v.shape):
+            raise ValueError(
+                f"masks[{i}] has shape {m.shape} but weight {i} ({v.path!r}) has {tuple(v.shape)}"
+            )
+        out.append(m)
+    return out
+
+
+def apply_masks(model: Any, masks: Sequence[Any]) -> Any:
+    """Zero the pruned weights of ``model`` in place.
+
+    Args:
+      model: a built ``keras.Model``.
+      masks: one boolean array per ``model.weights`` entry (True = kept).
+
+    Returns:
+      ``model`` (for chaining).
+    """
+    masks = _check_masks(model, masks)
+    model.set_weights(_masks.apply_masks(model.get_weights(), masks))
+    return model
+
+
+# ----------------------------------------------------------------------------- holding masks
+
+
+@keras.saving.register_keras_serializable(package="prunejax")
+class MaskConstraint(keras.constraints.Constraint):
+    """A Keras constraint that zeroes pruned entries: ``where(mask, inner(w), 0)``.
+
+    Keras applies a variable's constraint after every optimizer step, so a held weight is exactly
+    zero whenever the next step (or inference) reads it, whatever the optimizer's state.
+
+    Args:
+      mask: boolean array of the variable's shape (True = kept).
+      inner: an existing constraint to apply first (e.g. ``MaxNorm``), or None.
+    """
+
+    def __init__(self, mask: Any, inner: Any = None) -> None:
+        self.mask = np.asarray(mask, dtype=bool)
+        self.inner = inner
+
+    def __call__(self, w: Any) -> Any:
+        if self.inner is not None:
+            w = self.inner(w)
+        w = keras.ops.convert_to_tensor(w)
+        return keras.ops.where(self.mask, w, keras.ops.zeros_like(w))
+
+    def get_config(self) -> dict[str, Any]:
+        return {
+            "mask": self.mask.tolist(),
+            "inner": None if self.inner is None else keras.constraints.serialize(self.inner),
+        }
+
+    @classmethod
+    def from_config(cls, config: dict[str, Any]) -> MaskConstraint:
+        inner = config.get("inner")
+        return cls(
+            np.asarray(config["mask"], bool),
+            None if inner is None else keras.constraints.deserialize(inner),
+        )
+
+
+class MaskHold(keras.callbacks.Callback):
+    """Masks held on a model's variables (returned by :func:`hold_masks`).
+
+    Use it as a context manager (releases on exit) and, for optimizers with ``use_ema=True``,
+    pass it to ``fit(callbacks=[...])`` too: it re-applies the masks when training ends.
+    """
+
+    def __init__(self, model: Any, masks: list[np.ndarray]) -> None:
+        super().__init__()
+        self._held = model
+        self.masks = masks
+        self._previous: dict[int, Any] = {}
+        self.active = False
+
+    def _attach(self) -> None:
+        for i, (v, m) in enumerate(zip(self._held.weights, self.masks, strict=True)):
+            if m.all():
+                continue
+            if not v.trainable:
+                raise ValueError(
+                    f"masks[{i}] prunes the non-trainable weight {v.path!r}; optimizer "
+                    "constraints do not apply to it, so its zeros could not be held"
+                )
+            previous = v.constraint
+            self._previous[i] = previous
+            inner = previous.inner if isinstance(previous, MaskConstraint) else previous
+            v.constraint = MaskConstraint(m, inner)
+        self.active = True
+        _reset_compiled(self._held)
+
+    def release(self) -> None:
+        """Remove the constraints (restoring any earlier ones); the weights keep their zeros."""
+        if not self.active:
+            return
+        weights = self._held.weights
+        for i, previous in self._previous.items():
+            weights[i].constraint = previous
+        self._previous.clear()
+        self.active = False
+        _reset_compiled(self._held)
+
+    def reapply(self) -> None:
+        """Write the masked weights into the model again."""
+        apply_masks(self._held, self.masks)
+
+    def on_train_end(self, logs: Any = None) -> None:
+        if self.active:
+            self.reapply()
+
+    def __enter__(self) -> MaskHold:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.release()
+
+
+def _reset_compiled(model: Any) -> None:
+    """Drop compiled train steps: constraints are read when a step is traced."""
+    if hasattr(model, "train_function"):
+        model.train_function = None
+
+
+def hold_masks(model: Any, masks: Sequence[Any]) -> MaskHold:
+    """Apply ``masks`` to ``model`` now and keep the pruned weights exactly zero while training.
+
+    Attaches a :class:`MaskConstraint` to every trainable variable with a pruned entry (composing
+    with a constraint already there) and drops the model's compiled train step so the next
+    ``fit`` traces one that applies the constraints.  With the masks held, each optimizer step is
+    followed by ``w = where(mask, w, 0)``, so Adam's moments (or momentum, or decoupled weight
+    decay) can move a pruned weight for no longer than inside the step itself: after every step,
+    and after ``fit``, it is exactly 0.
+
+    Args:
+      model: a built ``keras.Model``.
+      masks: one boolean array per ``model.weights`` entry (True = kept), e.g. from
+        :func:`magnitude_masks` or :func:`unit_masks`.
+
+    Returns:
+      A :class:`MaskHold`: ``with hold_masks(model, masks) as hold: model.fit(...,
+      callbacks=[hold])``; or call ``hold.release()`` / :func:`release_masks` later.
+
+    Raises:
+      ValueError: the masks do not match ``model.weights``, or prune a non-trainable weight.
+      TypeError: a mask is not boolean.
+    """
+    masks = _check_masks(model, masks)
+    hold = MaskHold(model, masks)
+    hold.reapply()
+    hold._attach()
+    return hold
+
+
+def release_masks(model: Any) -> None:
+    """Remove every :class:`MaskConstraint` from ``model``'s variables (restoring inner ones)."""
+    _require_keras_model(model)
+    changed = False
+    for v in model.weights:
+        if isinstance(v.constraint, MaskConstraint):
+            v.constraint = v.constraint.inner
+            changed = True
+    if changed:
+        _reset_compiled(model)
+
+
+# ----------------------------------------------------------------------------- compaction
+
+
+def compact_weights(model: Any, masks: Sequence[Any] | None = None) -> Compacted:
+    """Compacted ``get_weights()`` of a Sequential MLP (see :func:`compact_model`).
+
+    Runs :func:`prunejax.compact.compact` on each pair of consecutive ``Dense`` layers with that
+    hidden layer's own activation (so layers may use different elementwise activations), until no
+    hidden unit is dead.
+
+    Args:
+      model: a built ``keras.Sequential`` following the layer rules of this module.
+      masks: optional masks (one per ``model.weights`` entry) applied first.
+
+    Returns:
+      ``Compacted(params, kept)``: ``params`` lists the new weights of the ``Dense`` layers in
+      order (``[W1, b1, W2, ...]``, biases only where the layer has one); ``kept[i]`` holds the
+      original indices of the units of ``Dense`` layer ``i`` that survive.
+    """
+    plan = _plan(model)
+    weights = model.get_weights()
+    if masks is not None:
+        weights = _masks.apply_masks(weights, _check_masks(model, masks))
+    index = _weight_index(model)
+    kernels = [np.asarray(weights[index[id(d.kernel)]]) for d in plan.dense]
+    biases = [np.asarray(weights[index[id(d.bias)]]) if d.use_bias else None for d in plan.dense]
+    kept = [np.arange(k.shape[1], dtype=np.int64) for k in kernels]
+    changed = True
+    while changed:
+        changed = False
+        for i, activation in enumerate(plan.activations):
+            pair = {
+                f"layer{j}": {"kernel": kernels[i + j]}
+                | ({} if biases[i + j] is None else {"bias": biases[i + j]})
+                for j in (0, 1)
+            }
+            try:
+                small, local = compact(pair, activation=activation)
+            except ValueError as e:  # name the Keras layers ("layer0"/"layer1" in the message)
+                raise ValueError(
+                    f"compacting Dense layer {plan.dense[i].name!r} (layer0) into "
+                    f"{plan.dense[i + 1].name!r} (layer1): {e}"
+                ) from e
+            n_before = kernels[i].shape[1]
+            kernels[i], kernels[i + 1] = small["layer0"]["kernel"], small["layer1"]["kernel"]
+            for j in (0, 1):
+                if biases[i + j] is not None:
+                    biases[i + j] = small[f"layer{j}"]["bias"]
+            kept[i] = kept[i][local[0]]
+            changed |= kernels[i].shape[1] != n_before
+    params: list[np.ndarray] = []
+    for k, b in zip(kernels, biases, strict=True):
+        params.append(k)
+        if b is not None:
+            params.append(b)
+    return Compacted(params, kept)
+
+
+def compact_model(model: Any, masks: Sequence[Any] | None = None) -> Any:
+    """A NEW, narrower ``keras.Sequential`` with the dead hidden units physically removed.
+
+    Every layer is rebuilt from its config (``Dense`` with fewer ``units``, everything else as
+    is), so activations, initializers, regularizers, dtype policies and names carry over; the
+    ``Dense`` layers get the compacted weights.  The new model's outputs equal the masked model's
+    (fp32 rounding of folded biases aside).  It is not compiled.
+
+    Args:
+      model: a built ``keras.Sequential`` MLP; allowed layers: see the module docstring.
+      masks: optional masks (one per ``model.weights`` entry) applied first; without them, the
+        zeros already in the weights decide which units are dead.
+
+    Returns:
+      The compacted ``keras.Sequential``.
+
+    Raises:
+      TypeError: ``model`` is not a ``keras.Sequential``.
+      ValueError: a layer that compaction cannot handle (the message names it), or masks that do
+        not match the model.
+    """
+    small, kept = compact_weights(model, masks)
+    plan = _plan(model)
+    units = {id(d): len(k) for d, k in zip(plan.dense, kept, strict=True)}
+    inp = model.inputs[0] if getattr(model, "inputs", None) else None
+    if inp is None:
+        raise ValueError(f"model {model.name!r} has no known input shape; build it first")
+    new_layers: list[Any] = [keras.Input(shape=tuple(inp.shape[1:]), dtype=inp.dtype)]
+    dense_new = []
+    for layer in model.layers:
+        config = layer.get_config()
+        if id(layer) in units:
+            config["units"] = units[id(layer)]
+        new = type(layer).from_config(config)
+        new_layers.append(new)
+        if id(layer) in units:
+            dense_new.append(new)
+    out = keras.Sequential(new_layers, name=f"{model.name}_compact")
+    pos = 0
+    for layer in dense_new:
+        n = 2 if layer.use_bias else 1
+        layer.set_weights(small[pos : pos + n])
+        pos += n
+    return out
+
+
+# ----------------------------------------------------------------------------- report
+
+
+def count_params(model: Any) -> tuple[int, int]:
+    """``(total, nonzero)`` entries over all of ``model``'s weights."""
+    _require_keras_model(model)
+    weights = model.get_weights()
+    return int(sum(w.size for w in weights)), int(sum(np.count_nonzero(w) for w in weights))
+
+
+def save_model(model: Any, path: str | os.PathLike) -> int:
+    """Save ``model`` as a ``.keras`` file for inference, atomically; return its size in bytes.
+
+    The file holds the architecture and weights but no optimizer state (a compiled model's
+    ``model.save`` would add Adam's two moments per weight, tripling the file), so files of
+    trained and freshly built models compare fairly.
+
+    Args:
+      model: a built ``keras.Model``.
+      path: destination ending in ``.keras``.
+
+    Returns:
+      The file size in bytes.
+    """
+    _require_keras_model(model)
+    path = Path(path)
+    if path.suffix != ".keras":
+        raise ValueError(f"path must end with .keras, got {str(path)!r}")
+    clone = model
+    if getattr(model, "optimizer", None) is not None:
+        # keras.models.clone_model would copy the compile state; from_config does not
+        clone = type(model).from_config(model.get_config())
+        clone.set_weights(model.get_weights())
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}-", suffix=".keras", dir=path.parent)
+    os.close(fd)
+    try:
+        clone.save(tmp)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes the file private; a saved model is not
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+    return path.stat().st_size
+
+
+def evaluate_accuracy(model: Any, x: np.ndarray, y: np.ndarray, *, batch_size: int = 1000) -> float:
+    """Top-1 accuracy of ``model`` (logits or probabilities) on ``(x, y)``."""
+    _require_keras_model(model)
+    pred = model.predict(x, batch_size=batch_size, verbose=0)
+    return float(np.mean(np.argmax(pred, axis=-1) == np.asarray(y)))
+
+
+def _jitted_forward(model: Any) -> Callable[[Any], Any]:
+    if keras.backend.backend() != "jax":
+        raise RuntimeError(
+            "inference_latency times a jax.jit-compiled stateless_call and needs "
+            f"KERAS_BACKEND=jax (the backend is {keras.backend.backend()!r})"
+        )
+    trainable = [v.value for v in model.trainable_variables]
+    non_trainable = [v.value for v in model.non_trainable_variables]
+
+    @jax.jit
+    def forward(tv: Any, ntv: Any, x: Any) -> Any:
+        return model.stateless_call(tv, ntv, x, training=False)[0]
+
+    return lambda x: forward(trainable, non_trainable, x)
+
+
+def inference_latency(
+    models: Mapping[str, Any],
+    x: np.ndarray,
+    *,
+    batch_sizes: Iterable[int] = (1, 256),
+    repeats: int = 200,
+    warmup: int = 10,
+) -> dict[str, dict[int, float]]:
+    """Median seconds per ``jax.jit``-compiled forward call, per model and batch size.
+
+    Models are timed in rounds (one call of each per round, in a shuffled order), after
+    ``warmup`` calls each, with ``jax.block_until_ready``, so slow drift of the machine affects
+    them alike and their ratios are fair.
+
+    Args:
+      models: name -> built ``keras.Model`` (same input shape).
+      x: inputs; batches are its first ``b`` rows (tiled if it has fewer).
+      batch_sizes: the batch sizes to time.
+      repeats: timed rounds per batch size.
+      warmup: untimed calls per model and batch size before timing.
+
+    Returns:
+      ``{name: {batch_size: median_seconds}}``.
+    """
+    if repeats < 1 or warmup < 0:
+        raise ValueError(f"need repeats >= 1 and warmup >= 0, got {repeats}, {warmup}")
+    fns = {name: _jitted_forward(m) for name, m in models.items()}
+    out: dict[str, dict[int, float]] = {name: {} for name in models}
+    x = np.asarray(x)
+    for b in batch_sizes:
+        if b < 1:
+            raise ValueError(f"batch sizes must be >= 1, got {b}")
+        reps = -(-b // x.shape[0])
+        xb = jax.device_put(np.concatenate([x] * reps)[:b] if reps > 1 else x[:b])
+        for fn in fns.values():
+            for _ in range(warmup):
+                jax.block_until_ready(fn(xb))
+        times: dict[str, list[float]] = {name: [] for name in fns}
+        names = list(fns)
+        rng = random.Random(b)
+        for _ in range(repeats):
+            rng.shuffle(names)  # no model always runs first (or right after the same one)
+            for name in names:
+                fn = fns[name]
+                t0 = time.perf_counter()
+                jax.block_until_ready(fn(xb))
+                times[name].append(time.perf_counter() - t0)
+        for name in fns:
+            out[name][b] = statistics.median(times[name])
+    return out
+
+
+@dataclass
+class ModelReport:
+    """One row of :func:`report`.
+
+    Attributes:
+      name: the model's label.
+      accuracy: test accuracy in [0, 1].
+      params: entries over all weights.
+      nonzero: nonzero entries over all weights.
+      keras_bytes: size of the saved ``.keras`` file.
+      latency: ``{batch_size: median seconds per jitted forward call}``.
+      extra: more named sizes, e.g. ``{"prunejax sparse file": bytes}``.
+      path: where the ``.keras`` file was written.
+    """
+
+    name: str
+    accuracy: float
+    params: int
+    nonzero: int
+    keras_bytes: int
+    latency: dict[int, float]
+    extra: dict[str, int] = field(default_factory=dict)
+    path: str = ""
+
+
+def _file_stem(name: str) -> str:
+    stem = re.sub(r"[^A-Za-z0-9._-]+", "_", name).strip("_.")
+    if not stem:
+        raise ValueError(f"model name {name!r} has no character usable in a file name")
+    return stem
+
+
+def report(
+    models: Mapping[str, Any],
+    x_test: np.ndarray,
+    y_test: np.ndarray,
+    *,
+    out_dir: str | os.PathLike,
+    batch_sizes: Iterable[int] = (1, 256),
+    repeats: int = 200,
+) -> list[ModelReport]:
+    """Accuracy, parameters, ``.keras`` file size and latency of each model, in one process.
+
+    Args:
+      models: name -> built ``keras.Model``; each is saved to ``out_dir/<name>.keras`` (runs of
+        characters other than letters, digits, ``.``, ``_`` and ``-`` become ``_``).
+      x_test: test inputs.
+      y_test: integer test labels.
+      out_dir: directory for the ``.keras`` files.
+      batch_sizes: batch sizes to time.
+      repeats: timed rounds per batch size (see :func:`inference_latency`).
+
+    Returns:
+      One :class:`ModelReport` per model, in order.
+    """
+    batch_sizes = tuple(batch_sizes)
+    latency = inference_latency(models, x_test, batch_sizes=batch_sizes, repeats=repeats)
+    rows = []
+    for name, m in models.items():
+        total, nonzero = count_params(m)
+        path = Path(out_dir) / f"{_file_stem(name)}.keras"
+        size = save_model(m, path)
+        rows.append(
+            ModelReport(
+                name=name,
+                accuracy=evaluate_accuracy(m, x_test, y_test),
+                params=total,
+                nonzero=nonzero,
+                keras_bytes=size,
+                latency=latency[name],
+                path=str(path),
+            )
+        )
+    return rows
+
+
+def format_table(rows: Sequence[ModelReport], *, baseline: str | None = None) -> str:
+    """A Markdown table of :func:`report` rows, with ratios against ``baseline`` (default: first).
+
+    Args:
+      rows: the report rows.
+      baseline: the name of the row the ratios refer to.
+
+    Returns:
+      The table as a string.
+    """
+    if not rows:
+        raise ValueError("no rows to format")
+    base = rows[0] if baseline is None else next((r for r in rows if r.name == baseline), None)
+    if base is None:
+        raise ValueError(f"baseline {baseline!r} is not a row name")
+    batches = sorted({b for r in rows for b in r.latency})
+    extras = sorted({k for r in rows for k in r.extra})
+    header = ["model", "test acc %", "params", "nonzero", ".keras bytes", "size vs base"]
+    header += [f"{k} bytes" for k in extras]
+    for b in batches:
+        header += [f"µs @ batch {b}", f"speedup @ {b}"]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for r in rows:
+        cells = [
+            r.name,
+            f"{100 * r.accuracy:.2f}",
+            f"{r.params:,}",
+            f"{r.nonzero:,}",
+            f"{r.keras_bytes:,}",
+            f"{r.keras_bytes / base.keras_bytes:.1%}",
+        ]
+        for k in extras:
+            v = r.extra.get(k)
+            cells.append("" if v is None else f"{v:,} ({v / base.keras_bytes:.1%})")
+        for b in batches:
+            t, t0 = r.latency.get(b), base.latency.get(b)
+            cells.append("" if t is None else f"{1e6 * t:.1f}")
+            cells.append("" if t is None or t0 is None else f"{t0 / t:.2f}x")
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
