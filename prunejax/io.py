@@ -526,7 +526,7 @@ def _plan_one(
     *,
     do_compact: bool,
 ) -> _Plan:
-    from prunejax import compact as _compact
+    from prunejax.compact import compact, compaction_plan
 
     paths, arrays, jax_flags, structure = _prepare(params, masks)
     compaction = None
@@ -542,7 +542,7 @@ def _plan_one(
         )
         layers = dense_layers(tree)
         if structural and activation is None:
-            kept = _compact.compaction_plan(tree)
+            kept = compaction_plan(tree)
             rows = [np.arange(arrays[layers[0].kernel].shape[0])] + kept[:-1]
             new = list(arrays)
             for layer, r, c in zip(layers, rows, kept, strict=True):
@@ -550,7 +550,7 @@ def _plan_one(
                 if layer.bias is not None:
                     new[layer.bias] = arrays[layer.bias][c]
         else:
-            small, kept = _compact.compact(tree, activation=activation)
+            small, kept = compact(tree, activation=activation)
             new = [np.asarray(x) for x in jax.tree_util.tree_leaves(small)]
         compaction = {
             "activation": _activation_name(activation),
