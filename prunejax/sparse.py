@@ -669,6 +669,8 @@ _CACHED_BYTES = 8 << 20
 # A sparse form is chosen only when predicted at most this fraction of dense, so that the
 # model's error does not make "auto" slower than dense.
 _AUTO_MARGIN = 0.7
+# ... and only when it stores at most this fraction of the dense kernel's entries.
+_AUTO_MAX_STORED = 0.5
 
 
 def predict_times(
@@ -747,5 +749,27 @@ def _auto_choice(w: np.ndarray, batch_size: int, block: tuple[int, int]) -> str:
     t = predict_times(
         w.shape, int(nz.sum()), batch_size, block_nse=_block_nse(w, block), ell_nse=ell_nse
     )
-    best = min(t, key=t.get)
-    return best if t[best] <= _AUTO_MARGIN * t["dense"] else "dense"
+    size = w.size
+    stored = {"csr": int(nz.sum()), "bcsr_t": int(nz.sum()), "ell": ell_nse}
+    stored["block"] = _block_nse(w, block) or size
+    # Inside one jitted model a dense dot fuses with its neighbours, so its stand-alone call
+    # overhead is not saved by replacing it: compare the per-entry costs only, and keep layers
+    # whose dense product is cheaper than a kernel call dense.  And a form that
+    # stores more than _AUTO_MAX_STORED of the dense entries is never chosen: near-dense
+    # patterns are where the model's error could make "auto" slower than dense.
+    fixed = {f: _CPU["dense_call_us"] if f == "dense" else _fixed_us(f) for f in t}
+    var = {f: t[f] - fixed[f] for f in t}
+    cands = {f: v for f, v in var.items() if f != "dense" and stored[f] <= _AUTO_MAX_STORED * size}
+    if not cands or var["dense"] < _fixed_us(min(cands, key=cands.get)):
+        # a layer whose whole dense product costs less than one kernel call stays dense
+        return "dense"
+    best = min(cands, key=cands.get)
+    return best if cands[best] <= _AUTO_MARGIN * var["dense"] else "dense"
+
+
+def _fixed_us(fmt: str) -> float:
+    if fmt == "bcsr_t":
+        return _CPU["bcsr_t_call_us"]
+    if fmt in ("csr", "block") and _kernels_cpu.available():
+        return _CPU["kernel_call_us"]
+    return _CPU["gather_call_us"]

@@ -369,3 +369,14 @@ def test_csr_int32_indices_for_wide_inputs():
     assert k.idx.dtype == jnp.int32
     x = rng.standard_normal((2, 70_000)).astype(np.float32)
     assert rel_err(jax.jit(lambda x, k: x @ k)(x, k), x.astype(np.float64) @ w) < 1e-5
+
+
+def test_auto_keeps_tiny_and_near_dense_layers_dense():
+    rng = np.random.default_rng(3)
+    tiny = rng.normal(size=(100, 10)).astype(np.float32)
+    tiny[rng.random(tiny.shape) < 0.9] = 0.0  # 90% sparse, but a kernel call costs more
+    assert sp.formats_of(sp.sparsify([tiny], "auto", batch_size=1)) == {"0": "dense"}
+    half = rng.normal(size=(512, 512)).astype(np.float32)
+    half[rng.random(half.shape) < 0.4] = 0.0  # stores 60% of the entries: never sparse
+    for batch in (1, 32, 256):
+        assert sp.formats_of(sp.sparsify([half], "auto", batch_size=batch)) == {"0": "dense"}
