@@ -54,7 +54,6 @@ def mlp_apply(
     return h
 
 
-
 class MaskableDense(nn.Module):
     """``x @ kernel + bias`` that accepts any stored kernel: dense, masked, compacted or sparse.
 
