@@ -92,9 +92,12 @@ class MaskedState(NamedTuple):
 def masked(inner: optax.GradientTransformation, masks: PyTree) -> optax.GradientTransformation:
     """Train with fixed masks: updates and optimizer state are zero at pruned entries.
 
-    The incoming gradients are zeroed at pruned entries before ``inner`` sees them, ``inner``'s
-    updates are zeroed there again (weight decay, for instance, adds a multiple of the params),
-    and every per-parameter leaf of ``inner``'s state is zeroed there after each update.  Params
+    The incoming gradients are zeroed at pruned entries before ``inner`` sees them, and
+    ``inner``'s updates are zeroed there again (weight decay, for instance, adds a multiple of
+    the params).  Every per-parameter leaf of ``inner``'s state is zeroed at pruned entries at
+    ``init``; from then on gradient statistics (Adam's moments, momentum) stay exactly zero there
+    because they only ever accumulate zero gradients.  (State computed from the params rather
+    than the gradients is not re-zeroed each step; :func:`mask_state` does that on demand.)  Params
     that are zero at pruned entries (``apply_masks(params, masks)``) therefore stay exactly zero.
     This is the masked retraining of Han et al. (2015), "Learning both Weights and Connections for
     Efficient Neural Networks".
@@ -124,10 +127,13 @@ def masked(inner: optax.GradientTransformation, masks: PyTree) -> optax.Gradient
     def update_fn(
         updates: PyTree, state: MaskedState, params: PyTree | None = None
     ) -> tuple[PyTree, MaskedState]:
+        # The inner optimizer only ever sees zero gradients at pruned entries, so gradient
+        # statistics that start at zero (Adam's moments, momentum traces) stay exactly zero
+        # there without re-masking the state every step (which cost ~6% of a LeNet step).
         updates = _zero_where_pruned(updates, masks)
         new_updates, inner_state = inner.update(updates, state.inner_state, params)
         new_updates = _zero_where_pruned(new_updates, masks)
-        return new_updates, MaskedState(mask_state(inner_state, masks))
+        return new_updates, MaskedState(inner_state)
 
     return optax.GradientTransformation(init_fn, update_fn)
 
