@@ -129,6 +129,17 @@ def _validated(params: PyTree, where: Where | None) -> tuple[list[str], list[Any
     return paths, leaves, treedef, selected
 
 
+def _per_leaf_masks(
+    treedef: Any, leaves: list[Any], values: list[Any], use_jax: bool, build: Any
+) -> PyTree:
+    """Masks ``build(index, leaf, value)`` where a leaf has a value, all-True elsewhere."""
+    out = [
+        _ones_like(leaf, use_jax) if v is None else build(i, leaf, v)
+        for i, (leaf, v) in enumerate(zip(leaves, values, strict=True))
+    ]
+    return jax.tree_util.tree_unflatten(treedef, out)
+
+
 def _sparsity_leaves(sparsity: Any) -> list[Any]:
     if isinstance(sparsity, Mapping | list | tuple):
         return jax.tree_util.tree_leaves(sparsity)
@@ -168,15 +179,13 @@ def magnitude_masks(
     use_jax = _use_jax(leaves, *_sparsity_leaves(sparsity))
     if scope == "layer":
         values = per_leaf_values(sparsity, paths, selected, name="sparsity", check=_check_sparsity)
-        out = []
-        for leaf, s in zip(leaves, values, strict=True):
-            if s is None:
-                out.append(_ones_like(leaf, use_jax))
-                continue
+
+        def build(i: int, leaf: Any, s: Any) -> Any:
             scores = _abs_scores(leaf, use_jax)
             k = _num_pruned(s, scores.shape[0], use_jax)
-            out.append(_keep_lowest_k(scores, k, use_jax).reshape(np.shape(leaf)))
-        return jax.tree_util.tree_unflatten(treedef, out)
+            return _keep_lowest_k(scores, k, use_jax).reshape(np.shape(leaf))
+
+        return _per_leaf_masks(treedef, leaves, values, use_jax, build)
 
     # global scope: one ranking over the concatenation of the selected leaves
     if isinstance(sparsity, Mapping | list | tuple):
@@ -292,14 +301,12 @@ def threshold_masks(
     use_jax = _use_jax(leaves, *_sparsity_leaves(quality))
     xp = jnp if use_jax else np
     values = per_leaf_values(quality, paths, selected, name="quality", check=check_quality)
-    out = []
-    for leaf, q in zip(leaves, values, strict=True):
-        if q is None:
-            out.append(_ones_like(leaf, use_jax))
-            continue
+
+    def build(i: int, leaf: Any, q: Any) -> Any:
         w = xp.asarray(leaf).astype(_score_dtype(leaf))
-        out.append(xp.abs(w) >= q * xp.std(w))
-    return jax.tree_util.tree_unflatten(treedef, out)
+        return xp.abs(w) >= q * xp.std(w)
+
+    return _per_leaf_masks(treedef, leaves, values, use_jax, build)
 
 
 def nm_masks(
@@ -414,19 +421,17 @@ def block_masks(
     use_jax = _use_jax(leaves, *_sparsity_leaves(sparsity))
     xp = jnp if use_jax else np
     values = per_leaf_values(sparsity, paths, selected, name="sparsity", check=_check_sparsity)
-    out = []
-    for leaf, s in zip(leaves, values, strict=True):
-        if s is None:
-            out.append(_ones_like(leaf, use_jax))
-            continue
+
+    def build(i: int, leaf: Any, s: Any) -> Any:
         r, c = np.shape(leaf)
         w = xp.asarray(leaf).astype(_score_dtype(leaf))
         blocks = w.reshape(r // bh, bh, c // bw, bw)
         norms = xp.sqrt(xp.sum(blocks * blocks, axis=(1, 3))).reshape(-1)
         k = _num_pruned(s, norms.shape[0], use_jax)
         keep = _keep_lowest_k(norms, k, use_jax).reshape(r // bh, c // bw)
-        out.append(xp.repeat(xp.repeat(keep, bh, axis=0), bw, axis=1))
-    return jax.tree_util.tree_unflatten(treedef, out)
+        return xp.repeat(xp.repeat(keep, bh, axis=0), bw, axis=1)
+
+    return _per_leaf_masks(treedef, leaves, values, use_jax, build)
 
 
 def random_masks(
@@ -455,17 +460,14 @@ def random_masks(
     selected = select(paths, leaves, where)
     use_jax = _use_jax(leaves, *_sparsity_leaves(sparsity))
     values = per_leaf_values(sparsity, paths, selected, name="sparsity", check=_check_sparsity)
-    out = []
-    for i, (leaf, s) in enumerate(zip(leaves, values, strict=True)):
-        if s is None:
-            out.append(_ones_like(leaf, use_jax))
-            continue
+
+    def build(i: int, leaf: Any, s: Any) -> Any:
         size = int(np.prod(np.shape(leaf), dtype=np.int64))
         scores = jax.random.uniform(jax.random.fold_in(key, i), (size,))
-        k = _num_pruned(s, size, True)
-        keep = _keep_lowest_k(scores, k, True).reshape(np.shape(leaf))
-        out.append(keep if use_jax else np.asarray(keep))
-    return jax.tree_util.tree_unflatten(treedef, out)
+        keep = _keep_lowest_k(scores, _num_pruned(s, size, True), True).reshape(np.shape(leaf))
+        return keep if use_jax else np.asarray(keep)
+
+    return _per_leaf_masks(treedef, leaves, values, use_jax, build)
 
 
 # ----------------------------------------------------------------------------- mask algebra
