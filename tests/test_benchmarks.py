@@ -62,7 +62,8 @@ def test_writes_results_markdown_and_plots(toy_run):
     for needle in ("## Targets", "JAX", "cores", "Date", "CPU"):
         assert needle in md
     pngs = sorted(p.name for p in (out / "plots").iterdir())
-    assert "speedup_toy_unstructured.png" in pngs
+    plot_of_toy_model = "speedup_toy_unstructured.png"
+    assert plot_of_toy_model in pngs
     assert all((out / "plots" / p).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" for p in pngs)
     assert len(data["cells"]) == len(res["cells"])
 
