@@ -42,7 +42,7 @@ import optax
 
 from prunejax._tree import PyTree, Where, check_fraction, check_same_structure, flatten, select
 from prunejax.masks import _keep_lowest_k, random_masks
-from prunejax.optim import mask_state
+from prunejax.optim import mask_state, updates_to_pruned_zero, zero_where_pruned
 
 __all__ = [
     "DSTState",
@@ -245,22 +245,13 @@ def dynamic_sparse(
         masks, grown = jax.lax.cond(due, change, keep, None)
         # entries trained at this step: active and not grown right now
         live = jax.tree_util.tree_map(lambda m, g: m & ~g, masks, grown)
-        grads = jax.tree_util.tree_map(
-            lambda u, m: jnp.where(m, u, jnp.zeros_like(u)), updates, live
-        )
+        grads = zero_where_pruned(updates, live)
+        # zeroed here, the state then only sees zero gradients at the entries not live
         inner_state = mask_state(state.inner_state, live)
         new_updates, inner_state = inner.update(grads, inner_state, params)
-        new_updates = jax.tree_util.tree_map(
-            lambda u, p, m: jnp.where(m, u, (jnp.zeros_like(p) - p).astype(u.dtype)),
-            new_updates,
-            params,
-            live,
-        )
+        new_updates = updates_to_pruned_zero(new_updates, params, live)
         return new_updates, DSTState(
-            count=t + 1,
-            masks=masks,
-            key=state.key,
-            inner_state=mask_state(inner_state, live),
+            count=t + 1, masks=masks, key=state.key, inner_state=inner_state
         )
 
     return optax.GradientTransformation(init_fn, update_fn)

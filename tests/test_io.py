@@ -12,6 +12,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from mlp_factory import make_mlp
 
 from prunejax import io as pio
 from prunejax.compact import compact
@@ -20,20 +21,6 @@ from prunejax.masks import apply_masks, magnitude_masks, unit_masks
 from prunejax.models import mlp_apply
 
 FORMATS = ["dense", "bitmask", "csr", "bcoo", "auto", "smallest", "compact"]
-
-
-def make_mlp(sizes, densities, seed=0, kind="flax"):
-    rng = np.random.default_rng(seed)
-    layers = []
-    for (a, b), d in zip(zip(sizes[:-1], sizes[1:], strict=True), densities, strict=True):
-        w = (rng.normal(size=(a, b)) / np.sqrt(a)).astype(np.float32)
-        if d < 1.0:
-            thr = np.quantile(np.abs(w), 1 - d)
-            w = np.where(np.abs(w) >= thr, w, 0).astype(np.float32)
-        layers.append((w, rng.normal(size=b).astype(np.float32) * 0.1))
-    if kind == "flax":
-        return {f"Dense_{i}": {"kernel": w, "bias": b} for i, (w, b) in enumerate(layers)}
-    return [x for wb in layers for x in wb]
 
 
 def out(params, x, act=jax.nn.relu):
