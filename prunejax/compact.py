@@ -21,7 +21,9 @@ The input features and the output units of the network are never removed: the co
 takes the same inputs and returns the same outputs as the masked dense one.  This is the
 "unit/neuron pruning" of Hu et al. 2016 ("Network Trimming: A Data-Driven Neuron Pruning
 Approach") and of the structured-pruning literature made physical: the smaller dense matrices run
-with ordinary dense kernels.
+with ordinary dense kernels.  At batch 1 on CPU, ``prunejax.sparse.sparsify(compacted,
+"auto", batch_size=b)`` runs them faster still (the ``"dense_t"`` row-dot layout; see
+``benchmarks/RESULTS.md``, rows ``compact`` and ``compact.auto``).
 """
 
 from __future__ import annotations

@@ -13,7 +13,7 @@ from prunejax import sparse as sp
 from prunejax.masks import apply_masks, block_masks, magnitude_masks, nm_masks
 from prunejax.models import mlp_apply
 
-FIXED_FORMATS = ["dense", "bcoo", "bcsr", "csr", "bcsr_t", "ell", "block", "nm"]
+FIXED_FORMATS = ["dense", "dense_t", "bcoo", "bcsr", "csr", "bcsr_t", "ell", "block", "nm"]
 BATCHES = [(1,), (), (5,), (37,)]  # () is a 1-D x; 37 is no multiple of any tile or block
 
 
@@ -57,7 +57,7 @@ def kernel_for(fmt: str, rng) -> np.ndarray:
 
 
 # Formats with a compiled CPU kernel run twice: compiled (where available) and pure JAX.
-COMPILED_FORMATS = ["csr", "block"]
+COMPILED_FORMATS = ["csr", "block", "dense_t"]
 CASES = [(f, "pure") for f in FIXED_FORMATS] + [(f, "compiled") for f in COMPILED_FORMATS]
 
 
@@ -153,7 +153,13 @@ def test_roundtrip_and_metadata(fmt):
 
 @pytest.mark.parametrize(
     ("fmt", "path"),
-    [("csr", "compiled"), ("block", "compiled"), ("nm", "pure"), ("bcsr_t", "pure")],
+    [
+        ("csr", "compiled"),
+        ("block", "compiled"),
+        ("nm", "pure"),
+        ("bcsr_t", "pure"),
+        ("dense_t", "compiled"),
+    ],
 )
 def test_numpy_lhs_and_transforms(fmt, path, monkeypatch):
     use_path(path, monkeypatch)
@@ -244,10 +250,16 @@ def test_auto_picks_and_is_correct(batch, kernel_path):
 
 @pytest.mark.parametrize(("path", "batch"), [("pure", 1), ("pure", 256), ("compiled", 256)])
 def test_auto_prefers_dense_for_dense_kernel(path, batch, monkeypatch):
-    # (at batch 1 the compiled block kernel does beat XLA's dense dot on small dense kernels)
     use_path(path, monkeypatch)
     w = np.random.default_rng(9).standard_normal((128, 128)).astype(np.float32)
     assert sp.formats_of(sp.sparsify([w], "auto", batch_size=batch)) == {"0": "dense"}
+
+
+def test_auto_dense_kernel_small_batch_compiled_is_dense_t(monkeypatch):
+    use_path("compiled", monkeypatch)
+    w = np.random.default_rng(9).standard_normal((128, 128)).astype(np.float32)
+    assert sp.formats_of(sp.sparsify([w], "auto", batch_size=1)) == {"0": "dense_t"}
+    assert sp.formats_of(sp.sparsify([w], "auto", batch_size=2)) == {"0": "dense"}
 
 
 def test_auto_picks_sparse_for_very_sparse_wide_layer():
@@ -268,7 +280,7 @@ def test_predict_times_has_dense():
 
 
 def test_unknown_format():
-    with pytest.raises(ValueError, match="valid formats: auto, dense, bcoo"):
+    with pytest.raises(ValueError, match="valid formats: auto, dense, dense_t, bcoo"):
         sp.sparsify({"k": np.eye(4, dtype=np.float32)}, "coo")
 
 
@@ -371,12 +383,47 @@ def test_csr_int32_indices_for_wide_inputs():
     assert rel_err(jax.jit(lambda x, k: x @ k)(x, k), x.astype(np.float64) @ w) < 1e-5
 
 
-def test_auto_keeps_tiny_and_near_dense_layers_dense():
+def dense_choice(batch: int) -> str:
+    """What "auto" runs a layer it keeps dense as: the row-dot layout at batch 1 on CPU."""
+    return "dense_t" if batch == 1 and _kernels_cpu.available() else "dense"
+
+
+def test_auto_keeps_tiny_and_near_dense_layers_dense(kernel_path):
     rng = np.random.default_rng(3)
     tiny = rng.normal(size=(100, 10)).astype(np.float32)
     tiny[rng.random(tiny.shape) < 0.9] = 0.0  # 90% sparse, but a kernel call costs more
-    assert sp.formats_of(sp.sparsify([tiny], "auto", batch_size=1)) == {"0": "dense"}
+    assert sp.formats_of(sp.sparsify([tiny], "auto", batch_size=1)) == {"0": dense_choice(1)}
     half = rng.normal(size=(512, 512)).astype(np.float32)
     half[rng.random(half.shape) < 0.4] = 0.0  # stores 60% of the entries: never sparse
-    for batch in (1, 32, 256):
-        assert sp.formats_of(sp.sparsify([half], "auto", batch_size=batch)) == {"0": "dense"}
+    for batch in (1, 2, 8, 32, 256):
+        chosen = sp.formats_of(sp.sparsify([half], "auto", batch_size=batch))
+        assert chosen == {"0": dense_choice(batch)}, batch
+
+
+def test_auto_small_batch_model_runs_only_compiled_kernels(monkeypatch):
+    # at batch 1 every layer of a pruned LeNet-shaped MLP runs a compiled kernel (no XLA dot
+    # between them), and the result equals the masked dense model
+    use_path("compiled", monkeypatch)
+    rng = np.random.default_rng(15)
+    params = prune_for("magnitude", flax_mlp(rng, (784, 300, 100, 10)))
+    params = jax.tree_util.tree_map(lambda a: np.asarray(a, np.float32), params)
+    s = sp.sparsify(params, "auto", batch_size=1)
+    chosen = set(sp.formats_of(s).values())
+    assert chosen <= {"csr", "block", "dense_t"} and "dense" not in chosen
+    x = rng.standard_normal((1, 784)).astype(np.float32)
+    assert rel_err(jax.jit(mlp_apply)(s, x), mlp_apply(params, x)) < 1e-5
+    hlo = jax.jit(mlp_apply).lower(s, x).as_text()
+    assert "dot_general" not in hlo and "prunejax_" in hlo
+
+
+@pytest.mark.parametrize("batch", [1, 2, 3, 5, 7])
+def test_dense_rows_kernel_every_batch(batch, monkeypatch):
+    # the row-dot kernel itself handles any batch (rows of 4, 2 and 1) and any width (masked
+    # tail); prunejax calls it at batch 1 only, so check the other paths directly
+    use_path("compiled", monkeypatch)
+    rng = np.random.default_rng(16)
+    for n_in, n_out in ((784, 300), (17, 3), (1, 1), (4096, 33), (65, 1)):
+        x = rng.standard_normal((batch, n_in)).astype(np.float32)
+        wt = rng.standard_normal((n_out, n_in)).astype(np.float32)
+        y = jax.jit(_kernels_cpu.dense_rows_matmul)(jnp.asarray(x), jnp.asarray(wt))
+        assert rel_err(y, x.astype(np.float64) @ wt.T.astype(np.float64)) < 1e-5, (n_in, n_out)
