@@ -164,3 +164,34 @@ def test_rerender_from_json(bench, toy_run, tmp_path):
     md = (tmp_path / "RESULTS.md").read_text()
     assert "## Targets" in md and "toy" in md
     assert len(res["cells"]) == len(json.loads((out / "results.json").read_text())["cells"])
+
+
+def test_auto_target_judges_only_cells_that_differ_from_the_baseline(bench):
+    def cell(ratio, note, sparsity="50%"):
+        return {
+            "model": "lenet",
+            "granularity": "unstructured",
+            "sparsity": sparsity,
+            "batch": 32,
+            "format": "pj.auto",
+            "ratio": ratio,
+            "note": note,
+        }
+
+    assert bench._auto_is_baseline(cell(0.9, "chose dense/dense/dense; build 0.00s"))
+    assert not bench._auto_is_baseline(cell(0.9, "chose csr/dense/dense; build 0.00s"))
+    assert not bench._auto_is_baseline(cell(0.9, "chose dense_t/dense_t/dense_t"))
+    assert not bench._auto_is_baseline(cell(0.9, ""))
+
+    def auto_target(cells):
+        (t,) = [t for t in bench.compute_targets({"cells": cells}) if "auto" in t["target"]]
+        return t
+
+    same = cell(0.91, "chose dense/dense/dense; build 0.00s")
+    good = cell(1.5, "chose csr/dense/dense", "90%")
+    t = auto_target([same, good])
+    assert t["met"] is True and t["measured"] == 1.5
+    assert "Not judged: 1 cells" in t["detail"] and "0.91x" in t["detail"]
+    slow = cell(0.9, "chose csr/dense/dense", "80%")
+    t = auto_target([same, good, slow])
+    assert t["met"] is False and t["measured"] == 0.9
