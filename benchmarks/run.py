@@ -1366,42 +1366,48 @@ def compute_targets(res: dict) -> list[dict]:
     best_target("wide 90% 16x16 blocks, batch 256 >= 5x", "wide", "block16", "90%", 256, 5.0)
 
     comp_name = "wide 50% units removed (compact), every batch >= 0.9 x FLOP ratio"
-    comp = [
-        r
-        for r in _cell(cells, model="wide", granularity="unit", sparsity="50%")
-        if r["format"] in ("compact", "compact.auto") and r.get("frac_bound") is not None
-    ]
+    comp = {
+        r["batch"]: r
+        for r in _cell(cells, model="wide", granularity="unit", sparsity="50%", format="compact")
+        if r.get("frac_bound") is not None
+    }
     if comp:
-        batches = sorted({r["batch"] for r in comp})
-        best = {
-            b: max((r for r in comp if r["batch"] == b), key=lambda r: r["ratio"]) for b in batches
-        }
-        worst = min(best.values(), key=lambda r: r["frac_bound"])
+        # Judged on `compact`: the compacted network run exactly like the baseline (XLA's dot,
+        # (in, out) layout), so the ratio is what removing the units buys.  `compact.auto` adds
+        # prunejax's batch-1 row-dot layout, which speeds up even the unpruned model (pj.dense_t
+        # at 0%): reported beside it, with that layout gain, not counted.
         parts = []
-        for b in batches:
-            forms = ", ".join(
-                f"{r['format']} {r['ratio']:.2f}x ({r['frac_bound']:.2f})"
-                for r in sorted(comp, key=lambda r: r["format"])
-                if r["batch"] == b
-            )
-            layout = [
-                r
-                for r in _cell(
+        for b in sorted(comp):
+            r = comp[b]
+            txt = f"b={b}: compact {r['ratio']:.2f}x of {r['bound']:.2f}x ({r['frac_bound']:.2f})"
+            ca = [
+                c
+                for c in _cell(cells, model="wide", granularity="unit", sparsity="50%", batch=b)
+                if c["format"] == "compact.auto" and c.get("ratio") is not None
+            ]
+            lay = [
+                c
+                for c in _cell(
                     cells, model="wide", granularity="unstructured", sparsity="0%", batch=b
                 )
-                if r["format"] == "pj.dense_t" and r.get("ratio") is not None
+                if c["format"] == "pj.dense_t" and c.get("ratio") is not None
             ]
-            ref = (
-                f"; layout alone (pj.dense_t, unpruned) {layout[0]['ratio']:.2f}x" if layout else ""
-            )
-            parts.append(f"b={b}: bound {best[b]['bound']:.2f}x, {forms}{ref}")
+            if ca:
+                txt += f"; compact.auto {ca[0]['ratio']:.2f}x ({ca[0]['note'].split('; build')[0]})"
+                if lay and "dense_t" in ca[0]["note"]:
+                    same_layout = ca[0]["ratio"] / lay[0]["ratio"]
+                    txt += (
+                        f", of which the layout alone gives {lay[0]['ratio']:.2f}x on the "
+                        f"unpruned model (compaction in that layout: {same_layout:.2f}x)"
+                    )
+            parts.append(txt)
+        worst = min(comp.values(), key=lambda r: r["frac_bound"])
         target(
             comp_name,
             worst["frac_bound"],
             0.9,
-            all(r["frac_bound"] >= 0.9 for r in best.values()),
-            "best of compact (XLA dot, baseline layout) and compact.auto (prunejax execution) "
-            "per batch; " + "; ".join(parts),
+            worst["frac_bound"] >= 0.9,
+            "; ".join(parts),
         )
     else:
         target(comp_name, None, 0.9, None, "not measured in this run")
@@ -1962,7 +1968,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         "--zero-sparsity-max",
         type=int,
         default=1_000_000,
-        help="at 0%% sparsity, only dense_x_mask, auto and dense_t run.on kernels larger than "
+        help="at 0%% sparsity, only dense_x_mask, auto and dense_t run on kernels larger than "
         "this many entries",
     )
     p.add_argument("--no-train", dest="train", action="store_false")

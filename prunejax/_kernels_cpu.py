@@ -151,6 +151,13 @@ inline int64_t threads_for(ffi::ThreadPool& pool, int64_t work) {
   return work < kSerialWork ? 1 : num_threads(pool);
 }
 
+// How many chunks to split n_out rows into: one (the calling thread alone, no pool thread
+// woken) below kSerialWork, else 4 per thread for load balance.
+inline int64_t split_parts(ffi::ThreadPool& pool, int64_t work, int64_t n_out) {
+  const int64_t nt = threads_for(pool, work);
+  return nt == 1 ? 1 : std::min<int64_t>(4 * nt, std::max<int64_t>(n_out, 1));
+}
+
 // Split rows [0, n) into `parts` contiguous ranges of about equal nonzero count.
 void balance(const int32_t* ptr, int64_t n, int64_t parts, std::vector<int64_t>* cuts) {
   cuts->assign(parts + 1, n);
@@ -184,7 +191,7 @@ void csr_small(ffi::ThreadPool& pool, const float* x, const int32_t* ptr, const 
                const float* val, float* y, int64_t batch, int64_t n_in, int64_t n_out) {
   std::vector<int64_t> cuts;
   const int64_t work = batch * (ptr[n_out] - ptr[0]);
-  const int64_t parts = std::min<int64_t>(4 * threads_for(pool, work), std::max<int64_t>(n_out, 1));
+  const int64_t parts = split_parts(pool, work, n_out);
   balance(ptr, n_out, parts, &cuts);
   parallel_for(pool, parts, [&](int64_t p) {
     for (int64_t b = 0; b < batch; ++b) {
@@ -370,8 +377,7 @@ inline void dense_rows_dot(const float* x, int64_t n_in, const float* w, float* 
 
 void dense_rows(ffi::ThreadPool& pool, const float* x, const float* wt, float* y, int64_t batch,
                 int64_t n_in, int64_t n_out) {
-  const int64_t parts =
-      std::min<int64_t>(4 * threads_for(pool, batch * n_in * n_out), std::max<int64_t>(n_out, 1));
+  const int64_t parts = split_parts(pool, batch * n_in * n_out, n_out);
   const int64_t per = (n_out + parts - 1) / std::max<int64_t>(parts, 1);
   parallel_for(pool, parts, [&](int64_t p) {
     const int64_t j1 = std::min(n_out, (p + 1) * per);

@@ -11,8 +11,8 @@ Formats (``FORMATS``):
 ``"dense_t"``
     the dense kernel stored transposed, ``(out, in)``: a layout, not a sparse form.  At batch 1
     on CPU it runs a compiled row-dot kernel that streams ``W`` once (faster than XLA's batch-1
-    dot on ``(in, out)``, and no thread hand-off between prunejax's compiled kernels); at other
-    batches and elsewhere XLA's dot with the transposed operand.  ``"auto"`` uses it for layers
+    dot on ``(in, out)``: LeNet-300-100 ~3x, 4096-wide layers ~1.3x); at other batches and
+    elsewhere XLA's dot with the transposed operand.  ``"auto"`` uses it for layers
     that stay dense at batch 1; it is also the fastest way to run compacted layers at batch 1.
 ``"bcoo"``, ``"bcsr"``
     ``jax.experimental.sparse`` matrices of ``W`` (int32 indices, sorted).  Reference forms: on
@@ -41,9 +41,8 @@ Formats (``FORMATS``):
 ``"auto"``
     per layer the form predicted fastest for ``batch_size`` by a cost model calibrated on CPU
     (see ``predict_times``), dense when nothing is predicted to beat dense by a margin: at
-    batch 1 with the compiled CPU kernels that dense layer is ``"dense_t"``, so the whole model
-    runs compiled kernels (an XLA dot next to them pays a thread hand-off), elsewhere the plain
-    array.
+    batch 1 with the compiled CPU kernels a layer kernel that stays dense is ``"dense_t"``
+    (faster than XLA's batch-1 dot), elsewhere the plain array.
 
 Every prunejax kernel object has ``shape``, ``dtype``, ``nnz`` (nonzeros), ``nse`` (stored
 entries, padding included), ``nbytes``, ``format``, ``todense()`` and ``__rmatmul__``; it is a
@@ -66,7 +65,17 @@ import numpy as np
 from jax.experimental import sparse as jsparse
 
 from prunejax import _kernels_cpu
-from prunejax._tree import PyTree, Where, flatten, is_matrix_object, is_traced, select
+from prunejax._tree import (
+    _KERNEL_NAMES,
+    PyTree,
+    Where,
+    _last,
+    dense_layers,
+    flatten,
+    is_matrix_object,
+    is_traced,
+    select,
+)
 
 __all__ = [
     "FORMATS",
@@ -97,7 +106,7 @@ def _as_2d(x: Any, n_in: int) -> tuple[jax.Array, Callable[[jax.Array], jax.Arra
             f"x @ W: x has shape {x.shape}, but W has {n_in} input features (x.shape[-1])"
         )
     lead = x.shape[:-1]
-    x2 = x.reshape(-1, n_in)
+    x2 = x.reshape(math.prod(lead), n_in)
 
     def back(y: jax.Array) -> jax.Array:
         return y.reshape(*lead, y.shape[-1])
@@ -245,27 +254,65 @@ class CsrKernel(_Kernel):
 _DENSE_T_MAX_BATCH = 1
 
 
+def _dense_t_xla(x: jax.Array, wt: jax.Array) -> jax.Array:
+    """``x @ wt.T`` with XLA's dot (``x`` of any rank, contracting its last axis)."""
+    dt = jnp.result_type(x.dtype, wt.dtype)
+    return jax.lax.dot_general(x.astype(dt), wt.astype(dt), (((x.ndim - 1,), (1,)), ((), ())))
+
+
+@jax.custom_batching.custom_vmap
+def _dense_t_kernel(x2: jax.Array, wt: jax.Array) -> jax.Array:
+    return _on_cpu_else((x2, wt), _kernels_cpu.dense_rows_matmul, _dense_t_xla)
+
+
+@_dense_t_kernel.def_vmap
+def _dense_t_kernel_vmap(axis_size: int, in_batched: list, x2: jax.Array, wt: jax.Array):
+    # vmapped, the batch-1 products form a larger batch: one XLA dot, not a loop of kernel calls
+    x_batched, w_batched = in_batched
+    if w_batched:
+        y = jax.vmap(_dense_t_xla, in_axes=(0 if x_batched else None, 0))(x2, wt)
+    else:
+        if not x_batched:
+            x2 = jnp.broadcast_to(x2, (axis_size, *x2.shape))
+        y = _dense_t_xla(x2, wt)
+    return y, True
+
+
+@jax.custom_jvp
+def _dense_t_b1(x2: jax.Array, wt: jax.Array) -> jax.Array:
+    """Batch-1 ``x2 @ wt.T`` by the compiled row-dot kernel, differentiable and batchable."""
+    return _dense_t_kernel(x2, wt)
+
+
+@_dense_t_b1.defjvp
+def _dense_t_b1_jvp(primals: tuple, tangents: tuple) -> tuple[jax.Array, jax.Array]:
+    (x2, wt), (dx, dw) = primals, tangents
+    return _dense_t_b1(x2, wt), _dense_t_xla(dx, wt) + _dense_t_xla(x2, dw)
+
+
 @jax.tree_util.register_pytree_node_class
 class DenseTKernel(_Kernel):
     """A dense ``W`` (in, out) stored transposed, ``wt`` of shape ``(out, in)``.
 
     A layout, not a sparse format: at batch 1 on CPU (fp32) ``x @ W`` runs the compiled
     row-dot kernel (one contiguous dot product per output, ``W`` streamed once front to back),
-    which beats XLA's batch-1 dot on an ``(in, out)`` kernel and, unlike that dot, costs no
-    thread hand-off next to prunejax's other compiled kernels.  Larger batches (where it measured
+    which beats XLA's batch-1 dot on an ``(in, out)`` kernel.  Larger batches (where it measured
     slower than XLA's dot: 0.5-0.85x at batch 4-7), other dtypes and other platforms use XLA's
-    dot with the transposed operand.  ``"auto"`` picks it for layers that stay dense at batch 1,
-    and it is how compacted layers (``prunejax.compact``) run fastest at batch 1.
+    dot with the transposed operand.  Unlike the sparse kernels it is differentiable (the
+    derivative uses XLA's dot), and under ``jax.vmap`` the batch-1 calls become one XLA dot.
+    ``"auto"`` picks it for layer kernels that stay dense at batch 1, and it is how compacted
+    layers (``prunejax.compact``) run fastest at batch 1.
     """
 
     format = "dense_t"
 
-    def __init__(self, wt: Any, shape: tuple[int, int]):
+    def __init__(self, wt: Any, shape: tuple[int, int], nnz: int):
         self.wt = wt
         self.shape = tuple(shape)
+        self.nnz = int(nnz)
 
     def tree_flatten(self) -> tuple[tuple, tuple]:
-        return (self.wt,), (self.shape,)
+        return (self.wt,), (self.shape, self.nnz)
 
     @classmethod
     def tree_unflatten(cls, aux: tuple, children: tuple) -> DenseTKernel:
@@ -273,15 +320,12 @@ class DenseTKernel(_Kernel):
 
     @classmethod
     def fromdense(cls, w: np.ndarray) -> DenseTKernel:
-        return cls(jnp.asarray(np.ascontiguousarray(np.asarray(w).T)), w.shape)
+        w = np.asarray(w)
+        return cls(jnp.asarray(np.ascontiguousarray(w.T)), w.shape, int(np.count_nonzero(w)))
 
     @property
     def dtype(self) -> Any:
         return self.wt.dtype
-
-    @property
-    def nnz(self) -> int:
-        return int(jnp.count_nonzero(self.wt))
 
     @property
     def nse(self) -> int:
@@ -290,16 +334,12 @@ class DenseTKernel(_Kernel):
     def todense(self) -> jax.Array:
         return self.wt.T
 
-    def _xla(self, x2: jax.Array, wt: jax.Array) -> jax.Array:
-        dt = jnp.result_type(x2.dtype, wt.dtype)
-        return jax.lax.dot_general(x2.astype(dt), wt.astype(dt), (((1,), (1,)), ((), ())))
-
     def __rmatmul__(self, x: Any) -> jax.Array:
         x2, back = _as_2d(x, self.shape[0])
         if x2.shape[0] <= _DENSE_T_MAX_BATCH and _use_compiled(x2.dtype, self.dtype):
-            y = _on_cpu_else((x2, self.wt), _kernels_cpu.dense_rows_matmul, self._xla)
+            y = _dense_t_b1(x2, self.wt)
         else:
-            y = self._xla(x2, self.wt)
+            y = _dense_t_xla(x2, self.wt)
         return back(y)
 
 
@@ -654,9 +694,11 @@ def sparsify(
       nm: ``(n, m)`` for ``"nm"``: at most ``n`` nonzeros in every ``m`` consecutive inputs.
 
     Returns:
-      ``params`` with each selected kernel replaced by its sparse form (``"dense"``, and
-      ``"auto"`` where dense wins from batch 8 on or without the compiled kernels, give a plain
-      ``jax.Array``).  Unselected leaves are untouched.
+      ``params`` with each selected kernel replaced by its sparse form.  ``"dense"`` gives a
+      plain ``jax.Array``; so does ``"auto"`` where dense wins, except at batch 1 with the
+      compiled CPU kernels (fp32), where a layer kernel (a ``kernel``/``weight``/``w`` leaf, or
+      a 2-D leaf followed by its bias) that stays dense becomes ``"dense_t"``.  Unselected
+      leaves are untouched.
 
     Raises:
       ValueError: unknown format; a selected leaf that is not 2-D, holds NaN/inf, or does not fit
@@ -680,6 +722,7 @@ def sparsify(
         return is_matrix_object(leaf) or np.ndim(leaf) >= 2
 
     selected = select(paths, leaves, where if where is not None else default)
+    layer_kernels = _layer_kernels(params, paths) if format == "auto" else set()
     out = []
     for p, leaf, s in zip(paths, leaves, selected, strict=True):
         if not s:
@@ -687,11 +730,23 @@ def sparsify(
             continue
         w = _concrete_kernel(p, leaf)
         if format == "auto":
-            fmt = _auto_choice(w, int(batch_size), block)  # type: ignore[arg-type]
+            b = int(batch_size)  # type: ignore[arg-type]
+            fmt = _auto_choice(w, b, block, _dense_fallback(b) if p in layer_kernels else "dense")
         else:
             fmt = format
         out.append(_to_format(w, fmt, p, block, nm))
     return jax.tree_util.tree_unflatten(treedef, out)
+
+
+def _layer_kernels(params: PyTree, paths: list[str]) -> set[str]:
+    """Paths of the 2-D leaves that are dense-layer kernels: named ``kernel``/``weight``/``w``,
+    or followed by their bias (Keras lists).  Other 2-D leaves (embedding tables, ...) that
+    "auto" keeps dense stay plain arrays."""
+    return {
+        paths[d.kernel]
+        for d in dense_layers(params)
+        if d.bias is not None or _last(paths[d.kernel]) in _KERNEL_NAMES
+    }
 
 
 def _concrete_kernel(path: str, leaf: Any) -> np.ndarray:
@@ -819,11 +874,13 @@ def _block_nse(w: np.ndarray, block: tuple[int, int]) -> int | None:
     return int(keep.sum()) * bh * bw
 
 
-def _auto_choice(w: np.ndarray, batch_size: int, block: tuple[int, int]) -> str:
+def _auto_choice(
+    w: np.ndarray, batch_size: int, block: tuple[int, int], dense: str = "dense"
+) -> str:
+    """The format "auto" gives one kernel; ``dense`` is what it returns when dense wins."""
     if w.dtype != np.float32 or jax.default_backend() != "cpu":
         # the model is calibrated for fp32 on CPU; elsewhere dense is the safe choice
         return "dense"
-    dense = _dense_fallback(batch_size)
     nz = w != 0
     ell_nse = int(nz.sum(axis=0).max(initial=0)) * w.shape[1]
     t = predict_times(
@@ -848,12 +905,10 @@ def _auto_choice(w: np.ndarray, batch_size: int, block: tuple[int, int]) -> str:
 
 
 def _dense_fallback(batch_size: int) -> str:
-    # At batch 1 "auto" runs the layers it keeps dense as "dense_t" (compiled row-dot kernel)
-    # rather than XLA's dot.  Measured on LeNet-300-100 at 90% (2-core EPYC, jax 0.10): an XLA
-    # dot that follows a compiled kernel costs tens of µs more than on its own (a thread hand-off
-    # inside XLA's CPU runtime): csr-then-XLA-dense layers took ~80 µs, all-dense ~67 µs,
-    # csr-then-dense_t ~21 µs.  The row-dot kernel also streams large kernels faster than XLA's
-    # batch-1 dot on the (in, out) layout (compacted 4096-2048-2048-4096: 1.9x).
+    # At batch 1 "auto" runs the layer kernels it keeps dense as "dense_t" (compiled row-dot
+    # kernel) rather than XLA's dot.  Measured on LeNet-300-100 at 90% (2-core EPYC, jax 0.10):
+    # all XLA dense ~69 µs, csr then XLA dense ~31 µs, csr then dense_t ~22 µs; compacted
+    # 4096-2048-2048-4096 unpruned: XLA 3.6 ms, dense_t 1.9 ms.
     return "dense_t" if batch_size <= _DENSE_T_MAX_BATCH and _kernels_cpu.available() else "dense"
 
 

@@ -21,6 +21,8 @@ def rel_err(y, ref) -> float:
     y = np.asarray(y, np.float64)
     ref = np.asarray(ref, np.float64)
     assert y.shape == ref.shape
+    if ref.size == 0:
+        return 0.0  # the shapes agree and there is nothing else to compare
     scale = np.abs(ref).max()
     if scale == 0:
         return float(np.abs(y).max())
@@ -258,8 +260,10 @@ def test_auto_prefers_dense_for_dense_kernel(path, batch, monkeypatch):
 def test_auto_dense_kernel_small_batch_compiled_is_dense_t(monkeypatch):
     use_path("compiled", monkeypatch)
     w = np.random.default_rng(9).standard_normal((128, 128)).astype(np.float32)
-    assert sp.formats_of(sp.sparsify([w], "auto", batch_size=1)) == {"0": "dense_t"}
-    assert sp.formats_of(sp.sparsify([w], "auto", batch_size=2)) == {"0": "dense"}
+    layer = {"kernel": w}  # a layer kernel by name (a bare 2-D leaf stays a plain array)
+    assert sp.formats_of(sp.sparsify(layer, "auto", batch_size=1)) == {"kernel": "dense_t"}
+    assert sp.formats_of(sp.sparsify(layer, "auto", batch_size=2)) == {"kernel": "dense"}
+    assert sp.formats_of(sp.sparsify([w], "auto", batch_size=1)) == {"0": "dense"}
 
 
 def test_auto_picks_sparse_for_very_sparse_wide_layer():
@@ -392,12 +396,13 @@ def test_auto_keeps_tiny_and_near_dense_layers_dense(kernel_path):
     rng = np.random.default_rng(3)
     tiny = rng.normal(size=(100, 10)).astype(np.float32)
     tiny[rng.random(tiny.shape) < 0.9] = 0.0  # 90% sparse, but a kernel call costs more
-    assert sp.formats_of(sp.sparsify([tiny], "auto", batch_size=1)) == {"0": dense_choice(1)}
+    chosen = sp.formats_of(sp.sparsify({"kernel": tiny}, "auto", batch_size=1))
+    assert chosen == {"kernel": dense_choice(1)}
     half = rng.normal(size=(512, 512)).astype(np.float32)
     half[rng.random(half.shape) < 0.4] = 0.0  # stores 60% of the entries: never sparse
     for batch in (1, 2, 8, 32, 256):
-        chosen = sp.formats_of(sp.sparsify([half], "auto", batch_size=batch))
-        assert chosen == {"0": dense_choice(batch)}, batch
+        chosen = sp.formats_of(sp.sparsify({"kernel": half}, "auto", batch_size=batch))
+        assert chosen == {"kernel": dense_choice(batch)}, batch
 
 
 def test_auto_small_batch_model_runs_only_compiled_kernels(monkeypatch):
@@ -422,8 +427,64 @@ def test_dense_rows_kernel_every_batch(batch, monkeypatch):
     # tail); prunejax calls it at batch 1 only, so check the other paths directly
     use_path("compiled", monkeypatch)
     rng = np.random.default_rng(16)
-    for n_in, n_out in ((784, 300), (17, 3), (1, 1), (4096, 33), (65, 1)):
+    for n_in, n_out in ((784, 300), (17, 3), (1, 1), (4096, 33), (65, 1), (0, 4), (5, 0)):
         x = rng.standard_normal((batch, n_in)).astype(np.float32)
         wt = rng.standard_normal((n_out, n_in)).astype(np.float32)
         y = jax.jit(_kernels_cpu.dense_rows_matmul)(jnp.asarray(x), jnp.asarray(wt))
         assert rel_err(y, x.astype(np.float64) @ wt.T.astype(np.float64)) < 1e-5, (n_in, n_out)
+
+
+def test_dense_t_grad_vmap_and_tracing(monkeypatch):
+    # unlike the sparse kernels, dense_t is differentiable (auto returns it for dense layers at
+    # batch 1), and vmapped batch-1 products become one XLA dot instead of a loop of calls
+    use_path("compiled", monkeypatch)
+    rng = np.random.default_rng(17)
+    w = rng.standard_normal((64, 32)).astype(np.float32)
+    k = sp.sparsify([w], "dense_t")[0]
+    x = jnp.asarray(rng.standard_normal((1, 64)).astype(np.float32))
+    assert "prunejax_dense_rows" in jax.jit(lambda x, k: x @ k).lower(x, k).as_text()
+
+    def loss(x, k):
+        return jnp.sum(jnp.tanh(x @ k))
+
+    gx, gk = jax.grad(loss, argnums=(0, 1))(x, k)
+    rx, rw = jax.grad(loss, argnums=(0, 1))(x, jnp.asarray(w))
+    assert rel_err(gx, rx) < 1e-5
+    assert rel_err(np.asarray(gk.wt).T, rw) < 1e-5
+    xs = rng.standard_normal((40, 64)).astype(np.float32)
+    f = jax.jit(jax.vmap(lambda xi: xi @ k))
+    assert rel_err(f(xs), xs.astype(np.float64) @ w) < 1e-5
+    assert "while" not in f.lower(xs).compile().as_text()
+    ks = jax.tree_util.tree_map(lambda a: jnp.stack([a, 2 * a]), k)
+    y = jax.vmap(lambda kk: x @ kk)(ks)
+    assert rel_err(y[1], 2 * (np.asarray(x, np.float64) @ w)) < 1e-5
+    # metadata is static: repr and nnz work on a traced kernel
+    seen = []
+    jax.jit(lambda kk: seen.append((repr(kk), kk.nnz)) or kk.wt.sum())(k)
+    assert seen[0][1] == np.count_nonzero(w) and "dense_t" in seen[0][0]
+
+
+def test_auto_batch1_keeps_non_kernel_leaves_plain(monkeypatch):
+    # only layer kernels (named kernel/weight/w, or followed by a bias) become dense_t at
+    # batch 1; an embedding table that stays dense is still a plain array
+    use_path("compiled", monkeypatch)
+    rng = np.random.default_rng(18)
+    params = {
+        "Embed_0": {"embedding": rng.standard_normal((100, 16)).astype(np.float32)},
+        "Dense_0": {
+            "kernel": rng.standard_normal((16, 8)).astype(np.float32),
+            "bias": np.zeros(8, np.float32),
+        },
+    }
+    s = sp.sparsify(params, "auto", batch_size=1)
+    assert sp.formats_of(s) == {"Dense_0/kernel": "dense_t", "Embed_0/embedding": "dense"}
+    assert isinstance(s["Embed_0"]["embedding"], jax.Array)
+    keras = [params["Dense_0"]["kernel"], params["Dense_0"]["bias"]]
+    assert sp.formats_of(sp.sparsify(keras, "auto", batch_size=1)) == {"0": "dense_t"}
+
+
+def test_zero_size_inputs():
+    k = sp.sparsify([np.zeros((0, 5), np.float32)], "dense_t")[0]
+    assert (np.zeros((3, 0), np.float32) @ k).shape == (3, 5)
+    k = sp.sparsify([np.ones((4, 5), np.float32)], "csr")[0]
+    assert (np.zeros((0, 4), np.float32) @ k).shape == (0, 5)
