@@ -19,7 +19,8 @@ Kernels (fp32, ``y = x @ W`` with ``x`` of shape ``(batch, in)``):
 * ``dense_rows``: a dense ``W`` stored transposed, ``(out, in)``, for batch 1: one contiguous
   dot product per output (each loaded ``W`` vector serves up to 4 batch rows), so ``W`` streams
   once front to back; bound by those 4 bytes per weight.  XLA's own batch-1 ``x @ W`` on an
-  ``(in, out)`` kernel reaches ~25-35 GB/s here; this form ~1.3x more (see ``benchmarks/``).
+  ``(in, out)`` kernel reaches ~25-35 GB/s here; this form is 1.1-1.3x faster on 4096-wide
+  layers and ~3x on LeNet-sized ones (see ``benchmarks/RESULTS.md``).
 * ``block``: ``W`` stored as dense ``(bh, bw)`` blocks grouped by block column; each thread owns
   whole block columns of ``y`` (no scatter).  For ``bw`` of 16/32 the block's rows sit in
   AVX-512 registers and 8 batch rows are accumulated at once (dense inner loops: ~60-70% of
