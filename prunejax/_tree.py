@@ -39,6 +39,7 @@ __all__ = [
     "per_leaf_values",
     "check_same_structure",
     "dense_layers",
+    "find_instances",
 ]
 
 
@@ -266,6 +267,19 @@ class DenseLayer:
     name: str
     kernel: int
     bias: int | None
+
+
+def find_instances(tree: Any, cls: type) -> list[Any]:
+    """Every node of ``tree`` (e.g. an optax state, possibly chained) that is a ``cls``."""
+    found: list[Any] = []
+
+    def visit(x: Any) -> Any:
+        if isinstance(x, cls):
+            found.append(x)
+        return x
+
+    jax.tree_util.tree_map(visit, tree, is_leaf=lambda x: isinstance(x, cls))
+    return found
 
 
 def _natural_key(s: str) -> list:

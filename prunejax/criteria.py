@@ -22,7 +22,15 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from prunejax._tree import PyTree, Where, check_same_structure, flatten, is_jax, select
+from prunejax._tree import (
+    PyTree,
+    Where,
+    check_same_structure,
+    find_instances,
+    flatten,
+    is_jax,
+    select,
+)
 from prunejax.masks import magnitude_masks
 
 __all__ = [
@@ -229,14 +237,7 @@ def movement_scores(opt_state: Any) -> PyTree:
     Raises:
       ValueError: ``opt_state`` holds no (or more than one) movement state.
     """
-    found: list[MovementState] = []
-
-    def visit(x: Any) -> Any:
-        if isinstance(x, MovementState):
-            found.append(x)
-        return x
-
-    jax.tree_util.tree_map(visit, opt_state, is_leaf=lambda x: isinstance(x, MovementState))
+    found = find_instances(opt_state, MovementState)
     if len(found) != 1:
         raise ValueError(
             f"opt_state holds {len(found)} movement states, expected exactly one "

@@ -40,7 +40,15 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from prunejax._tree import PyTree, Where, check_fraction, check_same_structure, flatten, select
+from prunejax._tree import (
+    PyTree,
+    Where,
+    check_fraction,
+    check_same_structure,
+    find_instances,
+    flatten,
+    select,
+)
 from prunejax.masks import _keep_lowest_k, random_masks
 from prunejax.optim import mask_state, updates_to_pruned_zero, zero_where_pruned
 
@@ -352,14 +360,7 @@ def dst_masks(opt_state: Any) -> PyTree:
     Raises:
       ValueError: ``opt_state`` holds no (or more than one) dynamic-sparse state.
     """
-    found: list[DSTState] = []
-
-    def visit(x: Any) -> Any:
-        if isinstance(x, DSTState):
-            found.append(x)
-        return x
-
-    jax.tree_util.tree_map(visit, opt_state, is_leaf=lambda x: isinstance(x, DSTState))
+    found = find_instances(opt_state, DSTState)
     if len(found) != 1:
         raise ValueError(
             f"opt_state holds {len(found)} dynamic-sparse states, expected exactly one "

@@ -372,6 +372,18 @@ def nm_masks(
     return jax.tree_util.tree_unflatten(treedef, out)
 
 
+def _check_block(block: Any) -> tuple[int, int]:
+    """``block`` as ``(bh, bw)``, a pair of positive ints (also used by ``prunejax.sparse``)."""
+    if (
+        not isinstance(block, tuple | list)
+        or len(block) != 2
+        or not all(isinstance(b, int | np.integer) and not isinstance(b, bool) for b in block)
+        or min(block) < 1
+    ):
+        raise ValueError(f"block must be a pair of positive ints (bh, bw), got {block!r}")
+    return int(block[0]), int(block[1])
+
+
 def block_masks(
     params: PyTree,
     sparsity: Any,
@@ -396,14 +408,7 @@ def block_masks(
     Returns:
       A pytree of boolean masks (True = kept), constant on every block.
     """
-    if (
-        not isinstance(block, tuple | list)
-        or len(block) != 2
-        or not all(isinstance(b, int | np.integer) and not isinstance(b, bool) for b in block)
-        or min(block) < 1
-    ):
-        raise ValueError(f"block must be a pair of positive ints (bh, bw), got {block!r}")
-    bh, bw = int(block[0]), int(block[1])
+    bh, bw = _check_block(block)
     paths, leaves, treedef, selected = _validated(params, where)
     for p, leaf, s in zip(paths, leaves, selected, strict=True):
         if not s:

@@ -30,7 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from prunejax._tree import PyTree, check_same_structure
+from prunejax._tree import PyTree, check_same_structure, find_instances
 
 __all__ = [
     "MaskedState",
@@ -267,18 +267,13 @@ def pruning(
     return optax.GradientTransformation(init_fn, update_fn)
 
 
-def _find_pruning_state(opt_state: Any) -> PruningState | None:
-    found: list[PruningState] = []
-
-    def visit(x: Any) -> Any:
-        if isinstance(x, PruningState):
-            found.append(x)
-        return x
-
-    jax.tree_util.tree_map(visit, opt_state, is_leaf=lambda x: isinstance(x, PruningState))
+def _pruning_state(opt_state: Any) -> PruningState:
+    found = find_instances(opt_state, PruningState)
     if len(found) > 1:
         raise ValueError("opt_state holds more than one pruning state")
-    return found[0] if found else None
+    if not found:
+        raise ValueError("opt_state holds no pruning state: build the optimizer with pruning()")
+    return found[0]
 
 
 def current_masks(opt_state: Any) -> PyTree:
@@ -294,10 +289,7 @@ def current_masks(opt_state: Any) -> PyTree:
     Raises:
       ValueError: ``opt_state`` holds no (or more than one) pruning state.
     """
-    st = _find_pruning_state(opt_state)
-    if st is None:
-        raise ValueError("opt_state holds no pruning state: build the optimizer with pruning()")
-    return st.masks
+    return _pruning_state(opt_state).masks
 
 
 def current_sparsity(opt_state: Any) -> jax.Array:
@@ -306,7 +298,4 @@ def current_sparsity(opt_state: Any) -> jax.Array:
     Raises:
       ValueError: ``opt_state`` holds no (or more than one) pruning state.
     """
-    st = _find_pruning_state(opt_state)
-    if st is None:
-        raise ValueError("opt_state holds no pruning state: build the optimizer with pruning()")
-    return st.sparsity
+    return _pruning_state(opt_state).sparsity

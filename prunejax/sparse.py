@@ -76,6 +76,7 @@ from prunejax._tree import (
     is_traced,
     select,
 )
+from prunejax.masks import _check_block
 
 __all__ = [
     "FORMATS",
@@ -143,6 +144,11 @@ class _Kernel:
     def _arrays(self) -> tuple:
         return self.tree_flatten()[0]  # type: ignore[attr-defined]
 
+    @classmethod
+    def tree_unflatten(cls, aux: tuple, children: tuple) -> Any:
+        # every kernel's constructor takes its arrays (tree_flatten's children), then its aux
+        return cls(*children, *aux)
+
     def __repr__(self) -> str:
         return (
             f"{type(self).__name__}(format={self.format!r}, shape={self.shape}, "
@@ -184,10 +190,6 @@ class CsrKernel(_Kernel):
 
     def tree_flatten(self) -> tuple[tuple, tuple]:
         return (self.ptr, self.idx, self.val), (self.shape, self.format)
-
-    @classmethod
-    def tree_unflatten(cls, aux: tuple, children: tuple) -> CsrKernel:
-        return cls(*children, *aux)
 
     @classmethod
     def fromdense(cls, w: np.ndarray, fmt: str = "csr") -> CsrKernel:
@@ -315,10 +317,6 @@ class DenseTKernel(_Kernel):
         return (self.wt,), (self.shape, self.nnz)
 
     @classmethod
-    def tree_unflatten(cls, aux: tuple, children: tuple) -> DenseTKernel:
-        return cls(*children, *aux)
-
-    @classmethod
     def fromdense(cls, w: np.ndarray) -> DenseTKernel:
         w = np.asarray(w)
         return cls(jnp.asarray(np.ascontiguousarray(w.T)), w.shape, int(np.count_nonzero(w)))
@@ -363,10 +361,6 @@ class EllKernel(_Kernel):
 
     def tree_flatten(self) -> tuple[tuple, tuple]:
         return (self.idx, self.val), (self.shape, self.nnz)
-
-    @classmethod
-    def tree_unflatten(cls, aux: tuple, children: tuple) -> EllKernel:
-        return cls(*children, *aux)
 
     @classmethod
     def fromdense(cls, w: np.ndarray) -> EllKernel:
@@ -431,10 +425,6 @@ class NMKernel(_Kernel):
 
     def tree_flatten(self) -> tuple[tuple, tuple]:
         return (self.off, self.val), (self.shape, self.n, self.m, self.nnz)
-
-    @classmethod
-    def tree_unflatten(cls, aux: tuple, children: tuple) -> NMKernel:
-        return cls(*children, *aux)
 
     @classmethod
     def fromdense(cls, w: np.ndarray, n: int, m: int, path: str) -> NMKernel:
@@ -507,10 +497,6 @@ class BlockKernel(_Kernel):
 
     def tree_flatten(self) -> tuple[tuple, tuple]:
         return (self.colptr, self.rowb, self.colb, self.blocks), (self.shape,)
-
-    @classmethod
-    def tree_unflatten(cls, aux: tuple, children: tuple) -> BlockKernel:
-        return cls(*children, *aux)
 
     @classmethod
     def fromdense(cls, w: np.ndarray, block: tuple[int, int], path: str) -> BlockKernel:
@@ -621,17 +607,6 @@ def densify(params: PyTree) -> PyTree:
     paths, leaves, treedef = flatten(params)
     out = [leaf.todense() if is_matrix_object(leaf) else leaf for leaf in leaves]
     return jax.tree_util.tree_unflatten(treedef, out)
-
-
-def _check_block(block: Any) -> tuple[int, int]:
-    if (
-        not isinstance(block, tuple | list)
-        or len(block) != 2
-        or not all(isinstance(b, int | np.integer) and not isinstance(b, bool) for b in block)
-        or min(block) < 1
-    ):
-        raise ValueError(f"block must be a pair of positive ints (bh, bw), got {block!r}")
-    return int(block[0]), int(block[1])
 
 
 def _check_nm(nm: Any) -> tuple[int, int]:

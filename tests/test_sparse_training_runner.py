@@ -3,29 +3,16 @@ and its argument handling.  The full comparison is a benchmark, not a test."""
 
 from __future__ import annotations
 
-import importlib.util
-import os
-import sys
-
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from conftest import load_script
 
 
 @pytest.fixture(scope="module")
 def runner():
-    spec = importlib.util.spec_from_file_location(
-        "prunejax_benchmarks_sparse_training",
-        os.path.join(ROOT, "benchmarks", "sparse_training.py"),
-    )
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = mod
-    spec.loader.exec_module(mod)
-    yield mod
-    sys.modules.pop(spec.name, None)
+    yield from load_script("prunejax_benchmarks_sparse_training", "benchmarks/sparse_training.py")
 
 
 def test_shift_is_a_whole_pixel_translation_with_zero_fill(runner):
