@@ -617,7 +617,7 @@ def make_pj_builder(fmt: str) -> Callable[[Ctx], Built]:
 
 
 def _describe_kernels(sp: Any) -> str:
-    from prunejax._tree import is_matrix_object
+    from prunejax._util import is_matrix_object
 
     leaves = jax.tree_util.tree_leaves(sp, is_leaf=is_matrix_object)
     kinds = []

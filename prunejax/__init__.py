@@ -9,7 +9,7 @@ The pipeline, one module per stage::
 Everything public is re-exported here; ``prunejax.keras`` (optional, needs Keras 3) is not.
 """
 
-from prunejax._tree import DenseLayer, dense_layers
+from prunejax._util import DenseLayer, dense_layers
 from prunejax.compact import Compacted, compact, compaction_plan
 from prunejax.criteria import (
     MovementState,

@@ -35,7 +35,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from prunejax._tree import (
+from prunejax._util import (
     DenseLayer,
     PyTree,
     check_same_structure,
@@ -206,7 +206,7 @@ def compact(
 
     Args:
       params: an MLP: Flax-style ``{"Dense_0": {"kernel", "bias"}, ...}``, a Keras-style list
-        ``[W1, b1, W2, b2, ...]`` or any pytree ``prunejax._tree.dense_layers`` understands,
+        ``[W1, b1, W2, b2, ...]`` or any pytree ``prunejax._util.dense_layers`` understands,
         with dense ``(in, out)`` kernels, biases optional per layer.  Every leaf must belong to a
         dense layer and consecutive layers must chain (``out_i == in_{i+1}``).  Pruned weights are
         exact zeros (pass ``masks`` to apply a mask first).

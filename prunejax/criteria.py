@@ -22,7 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from prunejax._tree import (
+from prunejax._util import (
     PyTree,
     Where,
     check_same_structure,

@@ -27,7 +27,7 @@ from typing import Any
 
 import numpy as np
 
-from prunejax._tree import PyTree, Where, check_fraction, flatten, per_leaf_values, select
+from prunejax._util import PyTree, Where, check_fraction, flatten, per_leaf_values, select
 from prunejax.masks import magnitude_masks
 
 __all__ = [
@@ -202,7 +202,7 @@ def custom_sparsity(
 ) -> dict[str, float]:
     """A user-chosen per-layer map, validated and completed to name every selected leaf.
 
-    Accepts the forms of :func:`prunejax._tree.per_leaf_values`: ``{"Dense_0/kernel": 0.95}``,
+    Accepts the forms of :func:`prunejax._util.per_leaf_values`: ``{"Dense_0/kernel": 0.95}``,
     prefixes (``{"Dense_0": 0.95}``), nested dicts, or a list such as ``[0.9, None, 0.8, None]``
     for a Keras weight list.
 

@@ -71,7 +71,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from prunejax._tree import (
+from prunejax._util import (
     PyTree,
     check_same_structure,
     dense_layers,

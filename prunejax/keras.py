@@ -66,7 +66,7 @@ import keras
 import numpy as np
 
 from prunejax import masks as _masks
-from prunejax._tree import Where
+from prunejax._util import Where
 from prunejax.compact import Compacted, compact
 
 __all__ = [

@@ -22,7 +22,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from prunejax._tree import PyTree, Where, check_same_structure, flatten, is_jax
+from prunejax._util import PyTree, Where, check_same_structure, flatten, is_jax
 from prunejax.masks import apply_masks, combine, magnitude_masks
 
 __all__ = [

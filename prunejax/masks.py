@@ -16,7 +16,7 @@ Semantics shared by all builders:
   ``s`` (under ``jit``/``vmap``) is float32, so exact ``.5`` boundaries may round differently than
   in an eager call with the float64 value; pass ``s`` as a static argument for exact semantics.
 * ``sparsity`` may be a number or a per-leaf mapping/pytree of numbers, see
-  :func:`prunejax._tree.per_leaf_values` (``{"Dense_2/kernel": 0.74}``, ``[0.92, None, ...]``).
+  :func:`prunejax._util.per_leaf_values` (``{"Dense_2/kernel": 0.74}``, ``[0.92, None, ...]``).
   Selected leaves the mapping does not name are left unpruned.
 * Bad input raises ``ValueError``/``TypeError`` naming the leaf path: sparsity outside ``[0, 1]``
   or NaN, non-finite weights (checked on concrete inputs; traced values cannot be inspected),
@@ -33,9 +33,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from prunejax._tree import (
+from prunejax._util import (
     PyTree,
     Where,
+    check_block,
     check_finite,
     check_fraction,
     check_same_structure,
@@ -372,18 +373,6 @@ def nm_masks(
     return jax.tree_util.tree_unflatten(treedef, out)
 
 
-def _check_block(block: Any) -> tuple[int, int]:
-    """``block`` as ``(bh, bw)``, a pair of positive ints (also used by ``prunejax.sparse``)."""
-    if (
-        not isinstance(block, tuple | list)
-        or len(block) != 2
-        or not all(isinstance(b, int | np.integer) and not isinstance(b, bool) for b in block)
-        or min(block) < 1
-    ):
-        raise ValueError(f"block must be a pair of positive ints (bh, bw), got {block!r}")
-    return int(block[0]), int(block[1])
-
-
 def block_masks(
     params: PyTree,
     sparsity: Any,
@@ -408,7 +397,7 @@ def block_masks(
     Returns:
       A pytree of boolean masks (True = kept), constant on every block.
     """
-    bh, bw = _check_block(block)
+    bh, bw = check_block(block)
     paths, leaves, treedef, selected = _validated(params, where)
     for p, leaf, s in zip(paths, leaves, selected, strict=True):
         if not s:

@@ -4,7 +4,7 @@
 checking their shape, so one module class runs every form of the pruned weights.
 
 ``mlp_apply`` is the functional forward pass every stage agrees on: for each dense layer found by
-``prunejax._tree.dense_layers`` (in forward order) it computes ``x @ kernel + bias`` and applies
+``prunejax._util.dense_layers`` (in forward order) it computes ``x @ kernel + bias`` and applies
 ``activation`` between layers (not after the last).  Because it only uses ``x @ kernel``, any
 kernel object that supports the matmul (a dense array, a ``jax.experimental.sparse`` matrix, or a
 prunejax sparse kernel) runs unchanged.
@@ -19,7 +19,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from prunejax._tree import dense_layers, is_matrix_object
+from prunejax._util import dense_layers, is_matrix_object
 
 __all__ = ["MLP", "MaskableDense", "mlp_apply"]
 
@@ -34,7 +34,7 @@ def mlp_apply(
 
     Args:
       params: Flax-style ``{"Dense_0": {"kernel", "bias"}, ...}``, a Keras-style list
-        ``[W1, b1, W2, b2, ...]``, or any pytree ``prunejax._tree.dense_layers`` understands.
+        ``[W1, b1, W2, b2, ...]``, or any pytree ``prunejax._util.dense_layers`` understands.
         Kernels may be dense arrays or sparse kernel objects supporting ``x @ W``.
       x: inputs of shape ``(batch, in_features)``.
       activation: elementwise nonlinearity between layers.

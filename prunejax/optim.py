@@ -30,7 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from prunejax._tree import PyTree, check_same_structure, find_instances
+from prunejax._util import PyTree, check_same_structure, find_instances
 
 __all__ = [
     "MaskedState",

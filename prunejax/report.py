@@ -30,7 +30,7 @@ from typing import Any
 import numpy as np
 
 from prunejax import io as pio
-from prunejax._tree import PyTree, dense_layers
+from prunejax._util import PyTree, dense_layers
 
 __all__ = ["LayerSize", "SizeReport", "size_report"]
 
@@ -263,7 +263,7 @@ def size_report(
 
     Args:
       params: a params pytree (any pytree ``prunejax.io.save`` accepts); rows are its dense
-        layers (``prunejax._tree.dense_layers``) plus one row per other leaf.
+        layers (``prunejax._util.dense_layers``) plus one row per other leaf.
       masks: optional bool pytree of ``params``' structure (True = kept), applied first.
       path: a file written by ``prunejax.io.save`` to measure; by default the params are saved
         in ``format`` to a temporary file that is measured and deleted.

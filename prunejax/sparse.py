@@ -65,18 +65,18 @@ import numpy as np
 from jax.experimental import sparse as jsparse
 
 from prunejax import _kernels_cpu
-from prunejax._tree import (
-    _KERNEL_NAMES,
+from prunejax._util import (
+    KERNEL_NAMES,
     PyTree,
     Where,
-    _last,
+    check_block,
     dense_layers,
     flatten,
     is_matrix_object,
     is_traced,
+    last_key,
     select,
 )
-from prunejax.masks import _check_block
 
 __all__ = [
     "FORMATS",
@@ -682,7 +682,7 @@ def sparsify(
     """
     if not isinstance(format, str) or format not in FORMATS:
         raise ValueError(f"unknown sparse format {format!r}; valid formats: {', '.join(FORMATS)}")
-    block = _check_block(block)
+    block = check_block(block)
     nm = _check_nm(nm)
     if format == "auto":
         if (
@@ -720,7 +720,7 @@ def _layer_kernels(params: PyTree, paths: list[str]) -> set[str]:
     return {
         paths[d.kernel]
         for d in dense_layers(params)
-        if d.bias is not None or _last(paths[d.kernel]) in _KERNEL_NAMES
+        if d.bias is not None or last_key(paths[d.kernel]) in KERNEL_NAMES
     }
 
 

@@ -29,7 +29,7 @@ import numpy as np
 import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from prunejax._tree import PyTree, path_str
+from prunejax._util import PyTree, path_str
 from prunejax.data import batches, num_batches
 from prunejax.masks import apply_masks, combine, magnitude_masks
 from prunejax.optim import current_masks, masked, pruning

@@ -1,4 +1,8 @@
-"""Pytree plumbing shared by every stage: leaf paths, leaf selection, validation, layer pairing.
+"""Plumbing shared by every stage: leaf paths, leaf selection, validation, layer pairing,
+atomic file writes and the cache directory.
+
+This is the one private module that every other module may import (it imports no other prunejax
+module).  Its names are public *within* the package; users should not need them.
 
 Every public function of prunejax accepts ANY pytree of arrays (a Flax ``params`` dict, a plain
 dict, a Keras ``get_weights()`` list, tuples, nested mixes).  Leaves are named by their *path*, a
@@ -8,10 +12,14 @@ for the third array of a Keras list.  Error messages always name the path.
 
 from __future__ import annotations
 
+import contextlib
 import math
+import os
 import re
-from collections.abc import Callable, Mapping
+import tempfile
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import jax
@@ -40,6 +48,17 @@ __all__ = [
     "check_same_structure",
     "dense_layers",
     "find_instances",
+    "BIAS_NAMES",
+    "KERNEL_NAMES",
+    "last_key",
+    "parent_path",
+    "check_block",
+    "check_int",
+    "is_int",
+    "atomic_path",
+    "atomic_write_bytes",
+    "atomic_write_text",
+    "cache_dir",
 ]
 
 
@@ -256,8 +275,8 @@ def check_same_structure(
 
 # ----------------------------------------------------------------------------- layer pairing
 
-_KERNEL_NAMES = ("kernel", "weight", "w")
-_BIAS_NAMES = ("bias", "b")
+KERNEL_NAMES = ("kernel", "weight", "w")
+BIAS_NAMES = ("bias", "b")
 
 
 @dataclass(frozen=True)
@@ -286,11 +305,11 @@ def _natural_key(s: str) -> list:
     return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", s)]
 
 
-def _parent(path: str) -> str:
+def parent_path(path: str) -> str:
     return path.rsplit("/", 1)[0] if "/" in path else ""
 
 
-def _last(path: str) -> str:
+def last_key(path: str) -> str:
     return path.rsplit("/", 1)[-1]
 
 
@@ -316,10 +335,10 @@ def dense_layers(params: PyTree, *, what: str = "params") -> list[DenseLayer]:
     named = []
     for i in kernel_idx:
         p = paths[i]
-        par, last = _parent(p), _last(p)
+        par, last = parent_path(p), last_key(p)
         bias = None
-        if last in _KERNEL_NAMES:
-            for bname in _BIAS_NAMES:
+        if last in KERNEL_NAMES:
+            for bname in BIAS_NAMES:
                 cand = f"{par}/{bname}" if par else bname
                 j = by_path.get(cand)
                 if j is not None and ndim(leaves[j]) == 1:
@@ -332,7 +351,7 @@ def dense_layers(params: PyTree, *, what: str = "params") -> list[DenseLayer]:
         if (
             j < len(leaves)
             and ndim(leaves[j]) == 1
-            and _parent(paths[j]) == par
+            and parent_path(paths[j]) == par
             and leaves[j].shape[0] == leaves[i].shape[1]
         ):
             bias = j
@@ -347,3 +366,111 @@ def dense_layers(params: PyTree, *, what: str = "params") -> list[DenseLayer]:
                 used_bias.add(b)
         layers.append(DenseLayer(name=name, kernel=i, bias=b))
     return layers
+
+
+# ----------------------------------------------------------------------------- validation
+
+
+def is_int(value: Any) -> bool:
+    """True for Python and NumPy integers, False for ``bool`` (which Python counts as an int)."""
+    return isinstance(value, int | np.integer) and not isinstance(value, bool | np.bool_)
+
+
+def check_int(value: Any, *, name: str, minimum: int | None = None) -> int:
+    """Check that ``value`` is an integer (not a bool), at least ``minimum``; return it as int.
+
+    Raises:
+      TypeError: ``value`` is not an integer.
+      ValueError: ``value`` is below ``minimum``.
+    """
+    if not is_int(value):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__} {value!r}")
+    if minimum is not None and value < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {value}")
+    return int(value)
+
+
+def check_block(block: Any) -> tuple[int, int]:
+    """``block`` as ``(bh, bw)``, a pair of positive ints (block masks and block kernels).
+
+    Raises:
+      ValueError: ``block`` is not a pair of positive ints.
+    """
+    if (
+        not isinstance(block, tuple | list)
+        or len(block) != 2
+        or not all(is_int(b) for b in block)
+        or min(block) < 1
+    ):
+        raise ValueError(f"block must be a pair of positive ints (bh, bw), got {block!r}")
+    return int(block[0]), int(block[1])
+
+
+# ----------------------------------------------------------------------------- files
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike, *, suffix: str = ".tmp") -> Iterator[Path]:
+    """Write a file atomically: yield a temporary path beside ``path``, then rename it into place.
+
+    The caller writes the whole file to the yielded path.  On success the file is flushed to
+    disk (``fsync``), given the permissions a plain ``open`` would give (``0o666 & ~umask``;
+    ``mkstemp`` makes files private) and renamed over ``path`` with ``os.replace``, so readers see
+    either the old file or the complete new one, never a partial write.  On any exception the
+    temporary file is removed and the exception propagates.
+
+    Args:
+      path: the destination.  Its directory is created if missing.
+      suffix: the temporary file's suffix (some writers insist on an extension, e.g. ``.keras``).
+
+    Yields:
+      The temporary path to write to.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=suffix)
+    os.close(fd)
+    try:
+        yield Path(tmp)
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
+    """Write ``data`` to ``path`` atomically (see :func:`atomic_path`)."""
+    with atomic_path(path) as tmp:
+        tmp.write_bytes(data)
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> None:
+    """Write ``text`` (UTF-8) to ``path`` atomically (see :func:`atomic_path`)."""
+    atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def cache_dir(*, create: bool = False) -> Path:
+    """prunejax's cache directory: ``$PRUNEJAX_CACHE_DIR``, else ``$XDG_CACHE_HOME/prunejax``,
+    else ``~/.cache/prunejax``.
+
+    Args:
+      create: make the directory (and its parents) if it does not exist.
+
+    Returns:
+      The directory's path.
+    """
+    env = os.environ.get("PRUNEJAX_CACHE_DIR")
+    if env:
+        d = Path(env).expanduser()
+    else:
+        xdg = os.environ.get("XDG_CACHE_HOME")
+        d = (Path(xdg).expanduser() if xdg else Path.home() / ".cache") / "prunejax"
+    if create:
+        d.mkdir(parents=True, exist_ok=True)
+    return d

@@ -1,0 +1,1 @@
+"""prunejax benchmarks: each entry point is run as ``python -m benchmarks.<name>``."""
