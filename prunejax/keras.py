@@ -1,4 +1,4 @@
-"""Keras 3 adapter: prune a Keras model, fine-tune it with masks held, compact it, report it.
+"""Keras 3 adapter: prune a Keras model, fine-tune it with masks held, compact it, save it.
 
 A Keras model's ``get_weights()`` list ``[W1, b1, W2, b2, ...]`` is already a prunejax params
 pytree, so every mask builder accepts it.  This module makes the Keras side first-class:
@@ -19,8 +19,8 @@ pytree, so every mask builder accepts it.  This module makes the Keras side firs
 * :func:`compact_model`: a NEW, narrower ``keras.Sequential`` with the dead hidden units removed
   (``prunejax.compact.compact`` layer by layer, bias folding included), same layer configs and
   activations, predictions equal to the masked model's.
-* :func:`report` / :func:`format_table`: accuracy, parameters, ``.keras`` file bytes and jitted
-  inference latency of several models, measured in one process.
+* :func:`save_model`: an atomic ``.keras`` file for inference (architecture and weights, no
+  optimizer state), which loads without prunejax.
 
 Layers :func:`compact_model` accepts (a ``keras.Sequential`` whose only weighted layers are
 ``Dense``):
@@ -42,52 +42,39 @@ quantized ``Dense``, ``Flatten`` between ``Dense`` layers, ``Softmax`` between h
 functional or subclassed model) raises ``ValueError``/``TypeError`` naming the layer: compacting
 through such a layer would silently build a wrong model.
 
-Requires Keras 3 (``pip install prunejax[keras]``).  Masks, :func:`hold_masks` and
-:func:`compact_model` work with any Keras backend; :func:`inference_latency` (and so
-:func:`report`) needs ``KERAS_BACKEND=jax``.
+Requires Keras 3 (``pip install prunejax[keras]``); works with any Keras backend.  Measuring
+models side by side (accuracy, file bytes, jitted latency) is the business of
+``examples/keras_report.py``, which ``examples/keras_mnist.py`` uses.
 """
 
 from __future__ import annotations
 
-import contextlib
 import os
-import random
-import re
-import statistics
-import tempfile
-import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import jax
 import keras
 import numpy as np
 
-from prunejax import masks as _masks
-from prunejax._util import Where
+from prunejax import masks as masks_lib
+from prunejax._util import Where, atomic_path
 from prunejax.compact import Compacted, compact
 
 __all__ = [
     "ALLOWED_LAYERS",
     "MaskConstraint",
     "MaskHold",
-    "ModelReport",
     "apply_masks",
     "compact_model",
     "compact_weights",
-    "count_params",
     "dense_layers",
-    "format_table",
     "hidden_dense_where",
     "hold_masks",
-    "inference_latency",
     "magnitude_masks",
     "release_masks",
-    "report",
     "save_model",
-    "evaluate_accuracy",
     "unit_masks",
 ]
 
@@ -304,7 +291,7 @@ def magnitude_masks(
       One boolean array per ``model.weights`` entry (True = kept).
     """
     _require_keras_model(model)
-    return list(_masks.magnitude_masks(model.get_weights(), sparsity, scope=scope, where=where))
+    return list(masks_lib.magnitude_masks(model.get_weights(), sparsity, scope=scope, where=where))
 
 
 def unit_masks(
@@ -331,7 +318,7 @@ def unit_masks(
     """
     where = hidden_dense_where(model) if where is None else where
     weights = model.get_weights()
-    masks = list(_masks.unit_masks(weights, sparsity, ord=ord, where=where))
+    masks = list(masks_lib.unit_masks(weights, sparsity, ord=ord, where=where))
     # Re-pair biases by layer (the list heuristic pairs a kernel with the next 1-D weight).
     kernels = {k: b for _, k, b in dense_layers(model)}
     for i, w in enumerate(weights):
@@ -379,7 +366,7 @@ def apply_masks(model: Any, masks: Sequence[Any]) -> Any:
       ``model`` (for chaining).
     """
     masks = _check_masks(model, masks)
-    model.set_weights(_masks.apply_masks(model.get_weights(), masks))
+    model.set_weights(masks_lib.apply_masks(model.get_weights(), masks))
     return model
 
 
@@ -428,6 +415,12 @@ class MaskHold(keras.callbacks.Callback):
 
     Use it as a context manager (releases on exit) and, for optimizers with ``use_ema=True``,
     pass it to ``fit(callbacks=[...])`` too: it re-applies the masks when training ends.
+    :func:`hold_masks` validates the masks, applies them and calls :meth:`attach`; a hold made
+    directly starts released.
+
+    Args:
+      model: a built ``keras.Model``.
+      masks: one boolean array per ``model.weights`` entry (True = kept), already validated.
     """
 
     def __init__(self, model: Any, masks: list[np.ndarray]) -> None:
@@ -437,7 +430,18 @@ class MaskHold(keras.callbacks.Callback):
         self._previous: dict[int, Any] = {}
         self.active = False
 
-    def _attach(self) -> None:
+    def attach(self) -> None:
+        """Put a :class:`MaskConstraint` on every variable with a pruned entry.
+
+        Composes with a constraint already there (a :class:`MaskConstraint` found there is
+        replaced, its inner constraint kept) and drops the compiled train step so the next ``fit``
+        traces one that applies the constraints.  Does nothing while the hold is active.
+
+        Raises:
+          ValueError: a mask prunes a non-trainable weight (constraints do not apply to it).
+        """
+        if self.active:
+            return
         for i, (v, m) in enumerate(zip(self._held.weights, self.masks, strict=True)):
             if m.all():
                 continue
@@ -511,7 +515,7 @@ def hold_masks(model: Any, masks: Sequence[Any]) -> MaskHold:
     masks = _check_masks(model, masks)
     hold = MaskHold(model, masks)
     hold.reapply()
-    hold._attach()
+    hold.attach()
     return hold
 
 
@@ -549,7 +553,7 @@ def compact_weights(model: Any, masks: Sequence[Any] | None = None) -> Compacted
     plan = _plan(model)
     weights = model.get_weights()
     if masks is not None:
-        weights = _masks.apply_masks(weights, _check_masks(model, masks))
+        weights = masks_lib.apply_masks(weights, _check_masks(model, masks))
     index = _weight_index(model)
     kernels = [np.asarray(weights[index[id(d.kernel)]]) for d in plan.dense]
     biases = [np.asarray(weights[index[id(d.bias)]]) if d.use_bias else None for d in plan.dense]
@@ -631,14 +635,7 @@ def compact_model(model: Any, masks: Sequence[Any] | None = None) -> Any:
     return out
 
 
-# ----------------------------------------------------------------------------- report
-
-
-def count_params(model: Any) -> tuple[int, int]:
-    """``(total, nonzero)`` entries over all of ``model``'s weights."""
-    _require_keras_model(model)
-    weights = model.get_weights()
-    return int(sum(w.size for w in weights)), int(sum(np.count_nonzero(w) for w in weights))
+# ----------------------------------------------------------------------------- saving
 
 
 def save_model(model: Any, path: str | os.PathLike) -> int:
@@ -664,210 +661,6 @@ def save_model(model: Any, path: str | os.PathLike) -> int:
         # keras.models.clone_model would copy the compile state; from_config does not
         clone = type(model).from_config(model.get_config())
         clone.set_weights(model.get_weights())
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}-", suffix=".keras", dir=path.parent)
-    os.close(fd)
-    try:
-        clone.save(tmp)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes the file private; a saved model is not
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
+    with atomic_path(path, suffix=".keras") as tmp:  # Keras insists on the extension
+        clone.save(str(tmp))
     return path.stat().st_size
-
-
-def evaluate_accuracy(model: Any, x: np.ndarray, y: np.ndarray, *, batch_size: int = 1000) -> float:
-    """Top-1 accuracy of ``model`` (logits or probabilities) on ``(x, y)``."""
-    _require_keras_model(model)
-    pred = model.predict(x, batch_size=batch_size, verbose=0)
-    return float(np.mean(np.argmax(pred, axis=-1) == np.asarray(y)))
-
-
-def _jitted_forward(model: Any) -> Callable[[Any], Any]:
-    if keras.backend.backend() != "jax":
-        raise RuntimeError(
-            "inference_latency times a jax.jit-compiled stateless_call and needs "
-            f"KERAS_BACKEND=jax (the backend is {keras.backend.backend()!r})"
-        )
-    trainable = [v.value for v in model.trainable_variables]
-    non_trainable = [v.value for v in model.non_trainable_variables]
-
-    @jax.jit
-    def forward(tv: Any, ntv: Any, x: Any) -> Any:
-        return model.stateless_call(tv, ntv, x, training=False)[0]
-
-    return lambda x: forward(trainable, non_trainable, x)
-
-
-def inference_latency(
-    models: Mapping[str, Any],
-    x: np.ndarray,
-    *,
-    batch_sizes: Iterable[int] = (1, 256),
-    repeats: int = 200,
-    warmup: int = 10,
-) -> dict[str, dict[int, float]]:
-    """Median seconds per ``jax.jit``-compiled forward call, per model and batch size.
-
-    Models are timed in rounds (one call of each per round, in a shuffled order), after
-    ``warmup`` calls each, with ``jax.block_until_ready``, so slow drift of the machine affects
-    them alike and their ratios are fair.
-
-    Args:
-      models: name -> built ``keras.Model`` (same input shape).
-      x: inputs; batches are its first ``b`` rows (tiled if it has fewer).
-      batch_sizes: the batch sizes to time.
-      repeats: timed rounds per batch size.
-      warmup: untimed calls per model and batch size before timing.
-
-    Returns:
-      ``{name: {batch_size: median_seconds}}``.
-    """
-    if repeats < 1 or warmup < 0:
-        raise ValueError(f"need repeats >= 1 and warmup >= 0, got {repeats}, {warmup}")
-    fns = {name: _jitted_forward(m) for name, m in models.items()}
-    out: dict[str, dict[int, float]] = {name: {} for name in models}
-    x = np.asarray(x)
-    for b in batch_sizes:
-        if b < 1:
-            raise ValueError(f"batch sizes must be >= 1, got {b}")
-        reps = -(-b // x.shape[0])
-        xb = jax.device_put(np.concatenate([x] * reps)[:b] if reps > 1 else x[:b])
-        for fn in fns.values():
-            for _ in range(warmup):
-                jax.block_until_ready(fn(xb))
-        times: dict[str, list[float]] = {name: [] for name in fns}
-        names = list(fns)
-        rng = random.Random(b)
-        for _ in range(repeats):
-            rng.shuffle(names)  # no model always runs first (or right after the same one)
-            for name in names:
-                fn = fns[name]
-                t0 = time.perf_counter()
-                jax.block_until_ready(fn(xb))
-                times[name].append(time.perf_counter() - t0)
-        for name in fns:
-            out[name][b] = statistics.median(times[name])
-    return out
-
-
-@dataclass
-class ModelReport:
-    """One row of :func:`report`.
-
-    Attributes:
-      name: the model's label.
-      accuracy: test accuracy in [0, 1].
-      params: entries over all weights.
-      nonzero: nonzero entries over all weights.
-      keras_bytes: size of the saved ``.keras`` file.
-      latency: ``{batch_size: median seconds per jitted forward call}``.
-      extra: more named sizes, e.g. ``{"prunejax sparse file": bytes}``.
-      path: where the ``.keras`` file was written.
-    """
-
-    name: str
-    accuracy: float
-    params: int
-    nonzero: int
-    keras_bytes: int
-    latency: dict[int, float]
-    extra: dict[str, int] = field(default_factory=dict)
-    path: str = ""
-
-
-def _file_stem(name: str) -> str:
-    stem = re.sub(r"[^A-Za-z0-9._-]+", "_", name).strip("_.")
-    if not stem:
-        raise ValueError(f"model name {name!r} has no character usable in a file name")
-    return stem
-
-
-def report(
-    models: Mapping[str, Any],
-    x_test: np.ndarray,
-    y_test: np.ndarray,
-    *,
-    out_dir: str | os.PathLike,
-    batch_sizes: Iterable[int] = (1, 256),
-    repeats: int = 200,
-) -> list[ModelReport]:
-    """Accuracy, parameters, ``.keras`` file size and latency of each model, in one process.
-
-    Args:
-      models: name -> built ``keras.Model``; each is saved to ``out_dir/<name>.keras`` (runs of
-        characters other than letters, digits, ``.``, ``_`` and ``-`` become ``_``).
-      x_test: test inputs.
-      y_test: integer test labels.
-      out_dir: directory for the ``.keras`` files.
-      batch_sizes: batch sizes to time.
-      repeats: timed rounds per batch size (see :func:`inference_latency`).
-
-    Returns:
-      One :class:`ModelReport` per model, in order.
-    """
-    batch_sizes = tuple(batch_sizes)
-    latency = inference_latency(models, x_test, batch_sizes=batch_sizes, repeats=repeats)
-    rows = []
-    for name, m in models.items():
-        total, nonzero = count_params(m)
-        path = Path(out_dir) / f"{_file_stem(name)}.keras"
-        size = save_model(m, path)
-        rows.append(
-            ModelReport(
-                name=name,
-                accuracy=evaluate_accuracy(m, x_test, y_test),
-                params=total,
-                nonzero=nonzero,
-                keras_bytes=size,
-                latency=latency[name],
-                path=str(path),
-            )
-        )
-    return rows
-
-
-def format_table(rows: Sequence[ModelReport], *, baseline: str | None = None) -> str:
-    """A Markdown table of :func:`report` rows, with ratios against ``baseline`` (default: first).
-
-    Args:
-      rows: the report rows.
-      baseline: the name of the row the ratios refer to.
-
-    Returns:
-      The table as a string.
-    """
-    if not rows:
-        raise ValueError("no rows to format")
-    base = rows[0] if baseline is None else next((r for r in rows if r.name == baseline), None)
-    if base is None:
-        raise ValueError(f"baseline {baseline!r} is not a row name")
-    batches = sorted({b for r in rows for b in r.latency})
-    extras = sorted({k for r in rows for k in r.extra})
-    header = ["model", "test acc %", "params", "nonzero", ".keras bytes", "size vs base"]
-    header += [f"{k} bytes" for k in extras]
-    for b in batches:
-        header += [f"µs @ batch {b}", f"speedup @ {b}"]
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    for r in rows:
-        cells = [
-            r.name,
-            f"{100 * r.accuracy:.2f}",
-            f"{r.params:,}",
-            f"{r.nonzero:,}",
-            f"{r.keras_bytes:,}",
-            f"{r.keras_bytes / base.keras_bytes:.1%}",
-        ]
-        for k in extras:
-            v = r.extra.get(k)
-            cells.append("" if v is None else f"{v:,} ({v / base.keras_bytes:.1%})")
-        for b in batches:
-            t, t0 = r.latency.get(b), base.latency.get(b)
-            cells.append("" if t is None else f"{1e6 * t:.1f}")
-            cells.append("" if t is None or t0 is None else f"{t0 / t:.2f}x")
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines)

@@ -11,6 +11,7 @@ import pytest
 keras = pytest.importorskip("keras")
 h5py = pytest.importorskip("h5py")
 
+from examples import keras_report  # noqa: E402
 from prunejax import keras as pjk  # noqa: E402
 from prunejax.masks import magnitude_masks, unit_masks  # noqa: E402
 
@@ -282,7 +283,7 @@ def test_compact_model_equals_the_masked_model():
     assert [d.get_config()["activation"] for d in small.layers] == ["relu", "relu", "linear"]
     assert [w.shape for w in small.get_weights()] == [(12, 8), (8,), (8, 5), (5,), (5, 3), (3,)]
     _assert_same_predictions(model, small, x)
-    total, nonzero = pjk.count_params(small)
+    total, nonzero = keras_report.count_params(small)
     assert total == 12 * 8 + 8 + 8 * 5 + 5 + 5 * 3 + 3 and nonzero <= total
 
 
@@ -434,7 +435,7 @@ def test_report_and_table(tmp_path):
     dense = _mlp(sizes=(12, 64, 32, 3))
     m = pjk.unit_masks(dense, 0.5)
     small = pjk.compact_model(dense, m)
-    rows = pjk.report(
+    rows = keras_report.report(
         {"dense": dense, "compact": small},
         x,
         y,
@@ -453,10 +454,10 @@ def test_report_and_table(tmp_path):
     preds = dense.predict(x, verbose=0).argmax(-1)
     assert d.accuracy == pytest.approx(np.mean(preds == y))
     c.extra["sparse file"] = 123
-    table = pjk.format_table(rows)
+    table = keras_report.format_table(rows)
     assert table.count("\n") == 3 and "| compact |" in table and "123" in table
     with pytest.raises(ValueError, match="baseline"):
-        pjk.format_table(rows, baseline="nope")
+        keras_report.format_table(rows, baseline="nope")
 
 
 def test_compact_names_the_keras_layers_when_a_constant_cannot_be_folded():
