@@ -349,7 +349,7 @@ def size_report(
         the leaf, mismatched masks, ...); ``FileNotFoundError`` if ``path`` does not exist.
     """
     plans = _plans(params, masks, activation)
-    member_bytes = {f: (None if p is None else p.leaf_bytes()) for f, p in plans.items()}
+    member_bytes = {f: (None if p is None else p.bytes_per_leaf()) for f, p in plans.items()}
     paths = [m["path"] for m in plans["dense"].header["leaves"]]
     rows = [
         _row(name, idx, kernel, plans, member_bytes)

@@ -97,7 +97,7 @@ class Plan:
             out.append((f"kept.{j}", k.shape, k.dtype))
         return out
 
-    def leaf_bytes(self) -> list[int]:
+    def bytes_per_leaf(self) -> list[int]:
         """File bytes of each leaf's members."""
         return [
             leaf_bytes(enc, arr.shape, arr.dtype, meta["nnz"], index=i)
