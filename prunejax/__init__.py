@@ -30,7 +30,7 @@ from prunejax.distributions import (
     uniform_sparsity,
 )
 from prunejax.dst import DSTState, cosine_drop_fraction, dst_masks, dynamic_sparse, rigl, set_sparse
-from prunejax.io import FileFormatError, load, load_header, save
+from prunejax.fileformat import FileFormatError, load, load_header, save
 from prunejax.lottery import LotteryRound, imp_step, lottery_ticket, random_reinit, rewind
 from prunejax.masks import (
     SparsityReport,

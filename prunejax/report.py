@@ -1,16 +1,16 @@
 """How small and how cheap a pruned model really is: bytes per format, file sizes and FLOPs.
 
 ``size_report`` answers, per dense layer and in total: how many weights survive, how many bytes
-each storage form takes in a file written by ``prunejax.io.save`` (dense, dense+bitmask, CSR,
-BCOO, compacted, and the per-leaf smallest), the density below which each sparse form beats
+each storage form takes in a file written by ``prunejax.fileformat.save`` (dense, dense+bitmask,
+CSR, BCOO, compacted, and the per-leaf smallest), the density below which each sparse form beats
 dense, how many FLOPs one example costs dense, sparse and compacted, and how large the saved file
 really is.
 
 Byte counts are exact file bytes, not payload estimates: every member of the ``.npz`` archive
 costs its payload, a ``.npy`` header (128 bytes for ordinary shapes) and ``76 + 2 * len(name)``
 bytes of ZIP headers; a file adds its JSON header and a 22-byte end record (see
-``prunejax.io``).  The predicted size of each whole file therefore matches ``save``'s output to
-the byte, which the tests check.
+``prunejax.fileformat``).  The predicted size of each whole file (``prunejax.fileformat.plan``)
+therefore matches ``save``'s output to the byte, which the tests check.
 
 FLOPs per example count multiply-adds as 2 FLOPs and ignore biases and activations: ``2 * in *
 out`` for a dense layer, ``2 * nnz`` for a sparse kernel (Han et al. 2015, "Learning both Weights
@@ -29,8 +29,9 @@ from typing import Any
 
 import numpy as np
 
-from prunejax import io as pio
 from prunejax._util import PyTree, dense_layers
+from prunejax.fileformat import load_header, save
+from prunejax.fileformat.plan import Plan, check_format, leaf_bytes, plan_tree
 
 __all__ = ["LayerSize", "SizeReport", "size_report"]
 
@@ -102,9 +103,9 @@ class SizeReport:
 
     Attributes:
       layers: one ``LayerSize`` per dense layer (forward order), then one per other leaf.
-      predicted_file_bytes: exact size of the file ``prunejax.io.save`` writes in each format of
-        ``COLUMNS`` (JSON header and archive overhead included; ``None`` where the format does
-        not apply).
+      predicted_file_bytes: exact size of the file ``prunejax.fileformat.save`` writes in each
+        format of ``COLUMNS`` (JSON header and archive overhead included; ``None`` where the
+        format does not apply).
       file_format: the format of the measured file.
       file_bytes: the measured size of that file.
       file_path: the measured file's path (``None`` when a temporary file was used).
@@ -226,75 +227,39 @@ def _break_even(fmt: str, shape: tuple[int, ...], dtype: np.dtype, index: int) -
     size = math.prod(shape)
     if size == 0:
         return 0.0
-    dense = pio.leaf_bytes("dense", shape, dtype, 0, index=index)
-    if pio.leaf_bytes(fmt, shape, dtype, 0, index=index) > dense:
+    dense = leaf_bytes("dense", shape, dtype, 0, index=index)
+    if leaf_bytes(fmt, shape, dtype, 0, index=index) > dense:
         return 0.0
     lo, hi = 0, size  # invariant: bytes(lo) <= dense
-    if pio.leaf_bytes(fmt, shape, dtype, hi, index=index) <= dense:
+    if leaf_bytes(fmt, shape, dtype, hi, index=index) <= dense:
         return 1.0
     while hi - lo > 1:
         mid = (lo + hi) // 2
-        if pio.leaf_bytes(fmt, shape, dtype, mid, index=index) <= dense:
+        if leaf_bytes(fmt, shape, dtype, mid, index=index) <= dense:
             lo = mid
         else:
             hi = mid
     return lo / size
 
 
-def _leaf_member_bytes(plan: Any) -> list[int]:
-    """File bytes of each leaf's members in a plan."""
-    out = []
-    for i, (arr, enc, meta) in enumerate(
-        zip(plan.leaves, plan.encodings, plan.header["leaves"], strict=True)
-    ):
-        out.append(pio.leaf_bytes(enc, arr.shape, arr.dtype, meta["nnz"], index=i))
-    return out
-
-
-def size_report(
-    params: PyTree,
-    *,
-    masks: PyTree | None = None,
-    path: str | os.PathLike | None = None,
-    activation: Callable | None = None,
-    format: str = "auto",
-) -> SizeReport:
-    """Per-layer and total sizes, break-even densities, FLOPs and file sizes of a pruned model.
-
-    Args:
-      params: a params pytree (any pytree ``prunejax.io.save`` accepts); rows are its dense
-        layers (``prunejax._util.dense_layers``) plus one row per other leaf.
-      masks: optional bool pytree of ``params``' structure (True = kept), applied first.
-      path: a file written by ``prunejax.io.save`` to measure; by default the params are saved
-        in ``format`` to a temporary file that is measured and deleted.
-      activation: the model's nonlinearity; passed to ``save`` (it enables compaction in
-        ``"auto"``).  Compacted sizes and FLOPs do not depend on it (which units die depends only
-        on the zeros), so the ``"compact"`` column is filled either way for an MLP.
-      format: the format of the temporary file that is measured when ``path`` is None.
-
-    Returns:
-      A ``SizeReport``: ``str(report)`` is a readable table, ``report.to_dict()`` a dict.
-
-    Raises:
-      ValueError/TypeError: as ``prunejax.io.save`` (unknown format, NaN weights naming the
-        leaf, mismatched masks, ...); ``FileNotFoundError`` if ``path`` does not exist.
-    """
-    plans: dict[str, Any] = {}
+def _plans(
+    params: PyTree, masks: PyTree | None, activation: Callable | None
+) -> dict[str, Plan | None]:
+    """The plan of the file in each format of ``COLUMNS`` (``None``: not a compactable MLP)."""
+    plans: dict[str, Plan | None] = {}
     for fmt in ("dense", "bitmask", "csr", "bcoo", "auto"):
-        plans[fmt] = pio._plan(params, format=fmt, masks=masks, activation=activation)
+        plans[fmt] = plan_tree(params, format=fmt, masks=masks, activation=activation)
     try:
-        plans["compact"] = pio._plan(
+        plans["compact"] = plan_tree(
             params, format="compact", masks=masks, activation=activation, structural=True
         )
     except ValueError:
         plans["compact"] = None
-    dense_plan = plans["dense"]
-    paths = [m["path"] for m in dense_plan.header["leaves"]]
-    leaves = dense_plan.leaves
-    member_bytes = {f: (None if p is None else _leaf_member_bytes(p)) for f, p in plans.items()}
-    auto_enc = plans["auto"].encodings
-    compact_leaves = None if plans["compact"] is None else plans["compact"].leaves
+    return plans
 
+
+def _row_groups(params: PyTree, paths: list[str]) -> list[tuple[str, list[int], int | None]]:
+    """``(name, leaf indices, kernel index or None)`` of every row: dense layers, then the rest."""
     try:
         layers = dense_layers(params)
     except (ValueError, TypeError):
@@ -308,58 +273,98 @@ def size_report(
     for i, p in enumerate(paths):
         if i not in owned:
             groups.append((p, [i], None))
+    return groups
 
-    rows = []
-    for name, idx, kernel in groups:
-        nnz = sum(dense_plan.header["leaves"][i]["nnz"] for i in idx)
-        size = sum(leaves[i].size for i in idx)
-        b: dict[str, int | None] = {}
-        for fmt in COLUMNS:
-            mb = member_bytes[fmt]
-            b[fmt] = None if mb is None else int(sum(mb[i] for i in idx))
-        kshape = tuple(leaves[kernel if kernel is not None else idx[0]].shape)
-        cshape = None
-        if compact_leaves is not None and kernel is not None:
-            cshape = tuple(compact_leaves[kernel].shape)
-        if kernel is not None:
-            k = leaves[kernel]
-            knnz = dense_plan.header["leaves"][kernel]["nnz"]
-            flops_dense, flops_sparse = 2 * k.size, 2 * knnz
-            flops_compact = None if cshape is None else 2 * math.prod(cshape)
-            be = {f: _break_even(f, k.shape, k.dtype, kernel) for f in _SPARSE}
-        else:
-            flops_dense = flops_sparse = 0
-            flops_compact = None if compact_leaves is None else 0
-            be = {}
-        rows.append(
-            LayerSize(
-                name=name,
-                paths=tuple(paths[i] for i in idx),
-                shape=kshape,
-                params=int(size),
-                nnz=int(nnz),
-                dense_bytes=int(sum(leaves[i].nbytes for i in idx)),
-                bytes=b,
-                auto_encodings=tuple(auto_enc[i] for i in idx),
-                compact_shape=cshape,
-                flops_dense=int(flops_dense),
-                flops_sparse=int(flops_sparse),
-                flops_compact=flops_compact,
-                break_even=be,
-            )
-        )
-    predicted = {f: (None if p is None else p.nbytes()) for f, p in plans.items()}
-    predicted = {c: predicted[c] for c in COLUMNS}
 
+def _row(
+    name: str,
+    idx: list[int],
+    kernel: int | None,
+    plans: dict[str, Plan | None],
+    member_bytes: dict[str, list[int] | None],
+) -> LayerSize:
+    """The ``LayerSize`` of one row (leaves ``idx``; ``kernel`` is None for non-layer rows)."""
+    dense_plan = plans["dense"]
+    meta, leaves = dense_plan.header["leaves"], dense_plan.leaves
+    compact_leaves = None if plans["compact"] is None else plans["compact"].leaves
+    b: dict[str, int | None] = {}
+    for fmt in COLUMNS:
+        mb = member_bytes[fmt]
+        b[fmt] = None if mb is None else int(sum(mb[i] for i in idx))
+    cshape = None
+    if compact_leaves is not None and kernel is not None:
+        cshape = tuple(compact_leaves[kernel].shape)
+    if kernel is not None:
+        k = leaves[kernel]
+        flops_dense, flops_sparse = 2 * k.size, 2 * meta[kernel]["nnz"]
+        flops_compact = None if cshape is None else 2 * math.prod(cshape)
+        be = {f: _break_even(f, k.shape, k.dtype, kernel) for f in _SPARSE}
+    else:
+        flops_dense = flops_sparse = 0
+        flops_compact = None if compact_leaves is None else 0
+        be = {}
+    return LayerSize(
+        name=name,
+        paths=tuple(meta[i]["path"] for i in idx),
+        shape=tuple(leaves[kernel if kernel is not None else idx[0]].shape),
+        params=int(sum(leaves[i].size for i in idx)),
+        nnz=int(sum(meta[i]["nnz"] for i in idx)),
+        dense_bytes=int(sum(leaves[i].nbytes for i in idx)),
+        bytes=b,
+        auto_encodings=tuple(plans["auto"].encodings[i] for i in idx),
+        compact_shape=cshape,
+        flops_dense=int(flops_dense),
+        flops_sparse=int(flops_sparse),
+        flops_compact=flops_compact,
+        break_even=be,
+    )
+
+
+def size_report(
+    params: PyTree,
+    *,
+    masks: PyTree | None = None,
+    path: str | os.PathLike | None = None,
+    activation: Callable | None = None,
+    format: str = "auto",
+) -> SizeReport:
+    """Per-layer and total sizes, break-even densities, FLOPs and file sizes of a pruned model.
+
+    Args:
+      params: a params pytree (any pytree ``prunejax.fileformat.save`` accepts); rows are its
+        dense layers (``prunejax._util.dense_layers``) plus one row per other leaf.
+      masks: optional bool pytree of ``params``' structure (True = kept), applied first.
+      path: a file written by ``prunejax.fileformat.save`` to measure; by default the params are
+        saved in ``format`` to a temporary file that is measured and deleted.
+      activation: the model's nonlinearity; passed to ``save`` (it enables compaction in
+        ``"auto"``).  Compacted sizes and FLOPs do not depend on it (which units die depends only
+        on the zeros), so the ``"compact"`` column is filled either way for an MLP.
+      format: the format of the temporary file that is measured when ``path`` is None.
+
+    Returns:
+      A ``SizeReport``: ``str(report)`` is a readable table, ``report.to_dict()`` a dict.
+
+    Raises:
+      ValueError/TypeError: as ``prunejax.fileformat.save`` (unknown format, NaN weights naming
+        the leaf, mismatched masks, ...); ``FileNotFoundError`` if ``path`` does not exist.
+    """
+    plans = _plans(params, masks, activation)
+    member_bytes = {f: (None if p is None else p.bytes_per_leaf()) for f, p in plans.items()}
+    paths = [m["path"] for m in plans["dense"].header["leaves"]]
+    rows = [
+        _row(name, idx, kernel, plans, member_bytes)
+        for name, idx, kernel in _row_groups(params, paths)
+    ]
+    predicted = {c: (None if plans[c] is None else plans[c].nbytes()) for c in COLUMNS}
     if path is not None:
         path = os.fspath(path)
-        header = pio.load_header(path)
+        header = load_header(path)
         file_format, file_bytes, file_path = header["format"], os.path.getsize(path), path
     else:
         with tempfile.TemporaryDirectory() as d:
             tmp = os.path.join(d, "model.npz")
-            file_bytes = pio.save(tmp, params, format=format, masks=masks, activation=activation)
-        file_format, file_path = pio._check_format(format), None
+            file_bytes = save(tmp, params, format=format, masks=masks, activation=activation)
+        file_format, file_path = check_format(format), None
     return SizeReport(
         layers=rows,
         predicted_file_bytes=predicted,

@@ -1,4 +1,5 @@
-"""Tests of prunejax.io: round trips in every format, small files, safety against bad files."""
+"""Tests of prunejax.fileformat: round trips in every format, small files, safety against bad
+files."""
 
 from __future__ import annotations
 
@@ -14,9 +15,11 @@ import numpy as np
 import pytest
 from mlp_factory import make_mlp
 
-from prunejax import io as pio
 from prunejax.compact import compact
-from prunejax.io import FileFormatError, load, load_header, save
+from prunejax.fileformat import FileFormatError, load, load_header, save
+from prunejax.fileformat.container import npy_bytes
+from prunejax.fileformat.encodings import ENCODINGS, ROLES, encode
+from prunejax.fileformat.plan import leaf_bytes
 from prunejax.masks import apply_masks, magnitude_masks, unit_masks
 from prunejax.models import mlp_apply
 
@@ -429,13 +432,13 @@ def test_leaf_bytes_matches_encoded_members():
     rng = np.random.default_rng(0)
     w = (rng.normal(size=(70, 300)) * (rng.random((70, 300)) < 0.1)).astype(np.float32)
     nnz = int(np.count_nonzero(w))
-    for enc in pio.ENCODINGS:
-        arrays = pio._encode(enc, w)
-        names = [f"3.{r}" for r in pio._ROLES[enc]]
+    for enc in ENCODINGS:
+        arrays = encode(enc, w)
+        names = [f"3.{r}" for r in ROLES[enc]]
         actual = sum(
-            76 + 2 * len(n + ".npy") + len(pio._npy(a)) for n, a in zip(names, arrays, strict=True)
+            76 + 2 * len(n + ".npy") + len(npy_bytes(a)) for n, a in zip(names, arrays, strict=True)
         )
-        assert pio.leaf_bytes(enc, w.shape, w.dtype, nnz, index=3) == actual
+        assert leaf_bytes(enc, w.shape, w.dtype, nnz, index=3) == actual
 
 
 def test_save_is_deterministic_and_densifies_sparse_kernels(tmp_path):

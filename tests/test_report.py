@@ -11,7 +11,9 @@ import numpy as np
 import pytest
 from mlp_factory import make_mlp
 
-from prunejax import io as pio
+from prunejax.fileformat import save
+from prunejax.fileformat.encodings import ROLES
+from prunejax.fileformat.plan import leaf_bytes
 from prunejax.masks import apply_masks, unit_masks
 from prunejax.report import COLUMNS, SizeReport, size_report
 
@@ -36,7 +38,7 @@ def test_every_format_prediction_matches_the_written_file(tmp_path, kind, activa
     rep = size_report(params, activation=activation)
     for fmt in COLUMNS:
         act = jax.nn.relu if fmt == "compact" else activation
-        size = pio.save(tmp_path / f"{fmt}.npz", params, format=fmt, activation=act)
+        size = save(tmp_path / f"{fmt}.npz", params, format=fmt, activation=act)
         predicted = rep.predicted_file_bytes[fmt]
         assert abs(size - predicted) <= 0.05 * size, (fmt, size, predicted)
         if fmt != "compact" or activation is not None:
@@ -50,7 +52,7 @@ def test_lenet_prediction_matches_the_file_for_every_format(tmp_path):
     params = lenet_han()
     rep = size_report(params, activation=jax.nn.relu)
     for fmt in COLUMNS:
-        size = pio.save(tmp_path / f"{fmt}.npz", params, format=fmt, activation=jax.nn.relu)
+        size = save(tmp_path / f"{fmt}.npz", params, format=fmt, activation=jax.nn.relu)
         assert abs(size - rep.predicted_file_bytes[fmt]) <= 0.05 * size
     assert rep.file_bytes <= rep.predicted_file_bytes["dense"] / 6
 
@@ -94,10 +96,10 @@ def test_bytes_per_format_follow_the_documented_model():
         "csr": 785 * 2 + nnz_k * (2 + 4),  # uint16 indptr (nnz < 65536), uint16 columns
         "bcoo": nnz_k * (2 * 2 + 4),  # (nnz, 2) uint16 coordinates
     }
-    bias = pio.leaf_bytes("dense", (300,), np.float32, 300, index=0)
+    bias = leaf_bytes("dense", (300,), np.float32, 300, index=0)
     for fmt, p in payload.items():
         kernel = r.bytes[fmt] - bias
-        n_members = len(pio._ROLES[fmt])
+        n_members = len(ROLES[fmt])
         overhead = kernel - p
         # .npy header (128 B) and zip headers (76 B + 2 * name) per member
         assert n_members * 200 <= overhead <= n_members * 250, (fmt, overhead)
@@ -115,9 +117,9 @@ def test_break_even_densities():
     size = 784 * 300
     for fmt, d in be.items():
         n = round(d * size)
-        dense = pio.leaf_bytes("dense", (784, 300), np.float32, n, index=1)
-        assert pio.leaf_bytes(fmt, (784, 300), np.float32, n, index=1) <= dense
-        assert pio.leaf_bytes(fmt, (784, 300), np.float32, n + 1, index=1) > dense
+        dense = leaf_bytes("dense", (784, 300), np.float32, n, index=1)
+        assert leaf_bytes(fmt, (784, 300), np.float32, n, index=1) <= dense
+        assert leaf_bytes(fmt, (784, 300), np.float32, n + 1, index=1) > dense
 
 
 def test_lenet_targets_in_the_report():
@@ -149,7 +151,7 @@ def test_str_and_to_dict(tmp_path):
 def test_path_measures_an_existing_file(tmp_path):
     params = make_mlp([30, 20, 5], [0.2, 0.5], seed=4)
     f = tmp_path / "m.npz"
-    n = pio.save(f, params, format="bcoo")
+    n = save(f, params, format="bcoo")
     rep = size_report(params, path=f)
     assert isinstance(rep, SizeReport)
     assert rep.file_format == "bcoo" and rep.file_bytes == n and rep.file_path == str(f)
