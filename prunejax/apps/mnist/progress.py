@@ -104,7 +104,7 @@ class EpochMeter:
     def summary(self) -> dict[str, float]:
         """Mean loss and aux metrics over the epoch's steps, and the last kernel density."""
         n = max(self.seen, 1)
-        means = {k: self.sums[k] / n for k in ["loss", *sorted(set(self.sums) - {"loss"})]}
+        means = {k: self.sums[k] / n for k in sorted(self.sums, key=lambda k: (k != "loss", k))}
         return {**means, "density": self.density}
 
     def close(self) -> None:

@@ -102,7 +102,10 @@ def iterative_pruning(
     retrain_loss: Callable[[float], LossFn] | None = None,
     on_round: Callable[[RoundResult], None] | None = None,
     checkpoint_dir: str | os.PathLike | None = None,
-    **fit_kwargs: Any,
+    resume: bool = False,
+    run_config: dict | None = None,
+    mesh: Mesh | None = None,
+    augment: Augment | None = None,
 ) -> list[RoundResult]:
     """Iterative prune-retrain (Han et al. 2015; lottery-ticket rounds, Frankle & Carbin 2019).
 
@@ -125,8 +128,8 @@ def iterative_pruning(
         ``loss_fn``.
       on_round: called with each :class:`RoundResult` as soon as the round is done.
       checkpoint_dir: where each round's checkpoint ``round{r}.ckpt`` goes.
-      **fit_kwargs: ``resume``, ``run_config`` (the round and its sparsity are added),
-        ``mesh``, ``augment``: see :func:`prunejax.apps.mnist.fit`.
+      resume, mesh, augment: as in :func:`prunejax.apps.mnist.fit`.
+      run_config: settings stored in the checkpoints, with the round and its sparsity added.
 
     Returns:
       One :class:`RoundResult` per round.
@@ -134,7 +137,6 @@ def iterative_pruning(
     if not sparsities:
         raise ValueError("sparsities is empty: give at least one round")
     steps = num_batches(len(data[0]), config.batch_size) * int(config.epochs)
-    run_config = fit_kwargs.pop("run_config", None) or {}
     masks, results = None, []
     for r, s in enumerate(sparsities, start=1):
         params, masks = _prune_round(params, masks, s, mask_fn)
@@ -146,8 +148,10 @@ def iterative_pruning(
             data,
             dataclasses.replace(config, seed=config.seed + r, desc=f"round {r}/{len(sparsities)}"),
             checkpoint=None if checkpoint_dir is None else Path(checkpoint_dir) / f"round{r}.ckpt",
-            run_config={**run_config, "round": r, "sparsity": _jsonable(s)},
-            **fit_kwargs,
+            resume=resume,
+            run_config={**(run_config or {}), "round": r, "sparsity": _jsonable(s)},
+            mesh=mesh,
+            augment=augment,
         )
         params = res.params
         err = None if eval_fn is None else eval_fn(params)["error"]
