@@ -52,7 +52,20 @@ from prunejax.apps.mnist.train import (
     kernel_density,
 )
 
-__all__ = ["build_parser", "format_table", "main", "run_mnist"]
+__all__ = [
+    "Job",
+    "build_parser",
+    "finetune",
+    "format_table",
+    "main",
+    "prepare",
+    "prune_gradually",
+    "prune_iteratively",
+    "results_of",
+    "run_mnist",
+    "train_dense",
+    "write_outputs",
+]
 
 SCHEDULES = ("iterative", "oneshot", "polynomial")
 say = tqdm.write  # progress lines that do not break a running tqdm bar
@@ -183,6 +196,17 @@ def _settings(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def format_table(names: list[str], shapes: list[tuple[int, int]], dense: dict, pruned: dict) -> str:
+    """The per-layer table ``prunejax mnist`` prints: weights kept and test errors.
+
+    Args:
+      names: the layer names.
+      shapes: their kernel shapes ``(in, out)``.
+      dense: ``{"test_error"}`` of the dense network.
+      pruned: ``{"test_error", "kept": {name: count}}`` of the pruned network.
+
+    Returns:
+      The table, one line per row.
+    """
     rows = [("layer", "shape", "dense kept", "pruned kept", "kept %")]
     tot = totk = 0
     for n, sh in zip(names, shapes, strict=True):
@@ -295,7 +319,17 @@ class Job:
 
 
 def prepare(args: argparse.Namespace) -> Job:
-    """Check the settings, load MNIST and initialise the model (seeded)."""
+    """Check the settings, load MNIST and initialise the model (seeded).
+
+    Args:
+      args: the parsed ``prunejax mnist`` arguments.
+
+    Returns:
+      The :class:`Job` the other steps share.
+
+    Raises:
+      ValueError: a bad setting; FileNotFoundError: MNIST not found.
+    """
     st = _settings(args)
     data = load_mnist(args.data_dir)
     if args.batch_size > len(data.x_train):
@@ -322,7 +356,14 @@ def prepare(args: argparse.Namespace) -> Job:
 
 
 def train_dense(job: Job) -> tuple[FitResult, dict[str, float]]:
-    """Dense training; returns the fit and its test metrics."""
+    """Dense training (checkpointed as ``checkpoints/dense.ckpt``).
+
+    Args:
+      job: the run.
+
+    Returns:
+      ``(fit result, test metrics)``.
+    """
     a, epochs = job.args, job.st["epochs"]
     t0 = time.perf_counter()
     tx = make_optimizer(
@@ -349,7 +390,15 @@ def train_dense(job: Job) -> tuple[FitResult, dict[str, float]]:
 
 
 def prune_iteratively(job: Job, params: Any) -> tuple[Any, Any]:
-    """Han et al.'s prune-retrain rounds (one round: one-shot); returns ``(params, masks)``."""
+    """Han et al.'s prune-retrain rounds (one round: one-shot).
+
+    Args:
+      job: the run.
+      params: the dense params.
+
+    Returns:
+      ``(params, masks)`` after the last round.
+    """
     st = job.st
     per_layer = [pj.iterative_sparsity(st["rounds"], final=1.0 - d) for d in job.dens]
     rounds = [tuple(col[r] for col in per_layer) for r in range(st["rounds"])]
@@ -381,7 +430,15 @@ def prune_iteratively(job: Job, params: Any) -> tuple[Any, Any]:
 
 
 def prune_gradually(job: Job, params: Any) -> tuple[Any, Any]:
-    """Gradual pruning while retraining (Zhu & Gupta 2017); returns ``(params, masks)``."""
+    """Gradual pruning while retraining (Zhu & Gupta 2017).
+
+    Args:
+      job: the run.
+      params: the dense params.
+
+    Returns:
+      ``(params, masks)``, the params masked.
+    """
     final_s = tuple(1.0 - d for d in job.dens)
     build = mask_builder(job.args.method, job.names)
 
@@ -412,7 +469,15 @@ def prune_gradually(job: Job, params: Any) -> tuple[Any, Any]:
 
 
 def finetune(job: Job, params: Any, masks: Any) -> Any:
-    """Fine-tune with the final masks fixed; returns the params."""
+    """Fine-tune with the final masks fixed (checkpointed as ``checkpoints/finetune.ckpt``).
+
+    Args:
+      job: the run.
+      params, masks: the pruned params and their masks.
+
+    Returns:
+      The fine-tuned params.
+    """
     epochs = job.st["finetune_epochs"]
     t0 = time.perf_counter()
     start = pj.apply_masks(params, masks)
@@ -437,7 +502,17 @@ def finetune(job: Job, params: Any, masks: Any) -> Any:
 
 
 def results_of(job: Job, d_eval: dict, params: Any, masks: Any, wall: float) -> dict[str, Any]:
-    """The contents of ``results.json``."""
+    """The contents of ``results.json``.
+
+    Args:
+      job: the run (its settings and error-vs-density points).
+      d_eval: the dense network's test metrics.
+      params, masks: the final pruned params and masks.
+      wall: the run's wall time in seconds.
+
+    Returns:
+      ``{"command", "seed", "settings", "dense", "pruned", "points", "wall_seconds"}``.
+    """
     args, names, sizes = job.args, job.names, job.sizes
     p_eval = job.test_eval(params)
     kept = {n: int(np.count_nonzero(np.asarray(masks[n]["kernel"]))) for n in names}
@@ -463,7 +538,15 @@ def results_of(job: Job, d_eval: dict, params: Any, masks: Any, wall: float) -> 
 
 
 def write_outputs(job: Job, result: dict, dense_params: Any, params: Any, masks: Any) -> None:
-    """Write the final checkpoints, the plot and ``results.json`` (each atomically)."""
+    """Write ``pruned.ckpt``, ``dense.ckpt``, ``error_vs_density.png`` and ``results.json``
+    under ``--out``, each atomically.
+
+    Args:
+      job: the run.
+      result: :func:`results_of`'s dict.
+      dense_params: the dense params.
+      params, masks: the final pruned params and masks.
+    """
     args, out = job.args, job.args.out
     pruned = result["pruned"]
     meta = {
