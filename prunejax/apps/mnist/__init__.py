@@ -40,6 +40,7 @@ from prunejax.apps.mnist.recipe import (
     mask_builder,
 )
 from prunejax.apps.mnist.train import (
+    ClassifierLoss,
     FitResult,
     TrainConfig,
     classifier_loss,
@@ -57,6 +58,7 @@ __all__ = [
     "MNIST",
     "MNIST_TRAIN_LABEL_COUNTS",
     "CheckpointError",
+    "ClassifierLoss",
     "FitResult",
     "RoundResult",
     "TrainConfig",

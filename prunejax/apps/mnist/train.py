@@ -25,7 +25,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-from collections.abc import Callable, Hashable, Sequence
+from collections.abc import Callable, Sequence
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -513,7 +513,7 @@ def fit_scan(
     config: TrainConfig,
     *,
     aux: Any = None,
-    augment: Hashable | None = None,
+    augment: Callable[[jax.Array, jax.Array], jax.Array] | None = None,
 ) -> tuple[PyTree, Any]:
     """Train whole epochs, each one jitted ``lax.scan`` (:func:`scan_epoch`) over device data.
 
