@@ -1,4 +1,3 @@
-#!/usr/bin/env python
 """Which sparse-training method works best?  LeNet-300-100 on MNIST at 90/95/98% sparsity.
 
 Methods (every one built from prunejax's public pieces, Adam with a cosine learning rate):
@@ -32,19 +31,22 @@ ticket, and counted in their wall time); fine-tuning 30 epochs; from-scratch met
 in all, about 0.7 s each on 2 idle CPU cores (jax 0.10, XLA CPU): ~30 minutes with the
 topology updates, compilation and evaluation.  Wall time in the table is per seed: the method's
 own training plus the dense pre-training it builds on (lottery ticket: plus every earlier
-round).  Whole-epoch jitted ``lax.scan`` steps with the full training set on the device.
+round).  Training is the MNIST application's whole-epoch runner
+(:func:`prunejax.apps.mnist.fit_scan`: jitted ``lax.scan`` epochs with the full training set on
+the device, :func:`prunejax.apps.mnist.shift_images` inside the scan).
 ``SETTINGS_NOTE`` (printed in the report) says how these settings were chosen.
 
-Outputs (``--out``, default this folder; ``--quick`` defaults to a temporary folder):
+Outputs (``--out``, default ``benchmarks/results``; ``--quick`` defaults to a temporary folder):
 ``sparse_training.json`` (every run), ``sparse_training.md`` (table), ``sparse_training.png``.
 
-Run: ``python benchmarks/sparse_training.py`` (full, ~30 min on 2 idle CPU cores) or
-``python benchmarks/sparse_training.py --quick`` (smoke run, < 2 min).
+Run from the repository root: ``python -m benchmarks.sparse_training`` (full, ~30 min on 2 idle
+CPU cores) or ``python -m benchmarks.sparse_training --quick`` (smoke run, < 2 min).
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime as _dt
 import json
 import os
@@ -62,17 +64,11 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from prunejax.criteria import snip_masks_from_batch
-from prunejax.data import load_mnist
-from prunejax.distributions import erk_sparsity
-from prunejax.dst import rigl, set_sparse
-from prunejax.lottery import LotteryRound, lottery_ticket, random_reinit
-from prunejax.masks import apply_masks, magnitude_masks, random_masks
-from prunejax.models import MLP, mlp_apply
-from prunejax.optim import current_masks, masked, pruning
-from prunejax.schedules import polynomial_sparsity
+import prunejax as pj
+from prunejax._util import atomic_path, atomic_write_text
+from prunejax.apps.mnist import TrainConfig, fit_scan, load_mnist, make_optimizer, shift_images
 
-HERE = os.path.dirname(os.path.abspath(__file__))
+RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 NAME = "sparse_training"
 
 METHODS = {
@@ -87,95 +83,69 @@ METHODS = {
 }
 
 
-# ----------------------------------------------------------------------------- training engine
+# ----------------------------------------------------------------------------- training phases
 
 
-def _loss(params: Any, x: jax.Array, y: jax.Array) -> jax.Array:
-    return optax.softmax_cross_entropy_with_integer_labels(mlp_apply(params, x), y).mean()
+def loss(params: Any, x: jax.Array, y: jax.Array, key: jax.Array | None = None) -> jax.Array:
+    """Mean cross-entropy of the MLP (no dropout: ``key`` is unused)."""
+    return optax.softmax_cross_entropy_with_integer_labels(pj.mlp_apply(params, x), y).mean()
 
 
-def _adam(lr: float, total: int, wd: float) -> optax.GradientTransformation:
-    sched = optax.cosine_decay_schedule(lr, max(int(total), 1))
-    return optax.adamw(sched, weight_decay=wd) if wd > 0 else optax.adam(sched)
+@dataclasses.dataclass(frozen=True)
+class Phase:
+    """The optimizer of a training phase, built inside ``jit`` from the arrays ``aux`` (masks,
+    per-leaf targets) that may be traced, so one compiled epoch serves every mask.
 
-
-def make_tx(spec: tuple, aux: Any) -> optax.GradientTransformation:
-    """The optimizer of a phase.  ``spec`` is static (hashable), ``aux`` holds arrays (masks,
-    per-leaf targets) that may be traced, so one compiled epoch serves every mask."""
-    kind, lr, total, wd = spec[:4]
-    inner = _adam(lr, total, wd)
-    if kind == "dense":
-        return inner
-    if kind == "masked":
-        return masked(inner, aux)
-    if kind == "gradual":
-        begin, end, every, scope = spec[4:]
-        progress = polynomial_sparsity(0.0, 1.0, begin_step=begin, end_step=end, power=3.0)
-        targets = aux
-
-        def mask_fn(p: Any, f: jax.Array) -> Any:
-            if scope == "global":
-                return magnitude_masks(p, f * targets, scope="global")
-            return magnitude_masks(p, {k: f * v for k, v in targets.items()})
-
-        return pruning(inner, mask_fn, progress, begin_step=begin, end_step=end, update_every=every)
-    if kind in ("set", "rigl"):
-        delta_t, t_end, alpha = spec[4:]
-        build = set_sparse if kind == "set" else rigl
-        return build(inner, initial_masks=aux, delta_t=delta_t, t_end=t_end, drop_fraction=alpha)
-    raise ValueError(f"unknown phase kind {kind!r}")
-
-
-def _shift(key: jax.Array, xb: jax.Array, m: int) -> jax.Array:
-    """Translate each 28x28 image by a random whole-pixel offset in [-m, m]^2, zero fill.
-
-    The in-jit counterpart of ``prunejax.data.random_shift`` (same augmentation, drawn with a
-    JAX key so the whole epoch stays one ``lax.scan``).
+    Attributes:
+      kind: ``"dense"``, ``"masked"``, ``"gradual"``, ``"set"`` or ``"rigl"``.
+      lr, total, wd: Adam(W) with a cosine decay over ``total`` steps (``make_optimizer``).
+      tail: ``(begin, end, every, scope)`` for ``"gradual"``, ``(delta_t, t_end, alpha)`` for
+        SET/RigL, ``()`` otherwise.
     """
-    b = xb.shape[0]
-    imgs = jnp.pad(xb.reshape(b, 28, 28), ((0, 0), (m, m), (m, m)))
-    off = jax.random.randint(key, (b, 2), 0, 2 * m + 1)
 
-    def one(img: jax.Array, o: jax.Array) -> jax.Array:
-        return jax.lax.dynamic_slice(img, (o[0], o[1]), (28, 28))
+    kind: str
+    lr: float
+    total: int
+    wd: float
+    tail: tuple = ()
 
-    return jax.vmap(one)(imgs, off).reshape(b, 784)
+    def __call__(self, aux: Any) -> optax.GradientTransformation:
+        inner = make_optimizer(self.lr, max(int(self.total), 1), weight_decay=self.wd)
+        if self.kind == "dense":
+            return inner
+        if self.kind == "masked":
+            return pj.masked(inner, aux)
+        if self.kind == "gradual":
+            return _gradual_tx(inner, aux, *self.tail)
+        if self.kind in ("set", "rigl"):
+            delta_t, t_end, alpha = self.tail
+            build = pj.set_sparse if self.kind == "set" else pj.rigl
+            return build(
+                inner, initial_masks=aux, delta_t=delta_t, t_end=t_end, drop_fraction=alpha
+            )
+        raise ValueError(f"unknown phase kind {self.kind!r}")
 
 
-@partial(jax.jit, static_argnums=(0, 8), donate_argnums=(1, 2))
-def _epoch(
-    spec: tuple,
-    params: Any,
-    state: Any,
-    aux: Any,
-    x: jax.Array,
-    y: jax.Array,
-    idx: jax.Array,
-    key: jax.Array,
-    shift: int,
-):
-    tx = make_tx(spec, aux)
+def _gradual_tx(
+    inner: optax.GradientTransformation, targets: Any, begin: int, end: int, every: int, scope: str
+) -> optax.GradientTransformation:
+    progress = pj.polynomial_sparsity(0.0, 1.0, begin_step=begin, end_step=end, power=3.0)
 
-    def body(carry, step):
-        p, s = carry
-        ids, k = step
-        xb = x[ids] if shift == 0 else _shift(k, x[ids], shift)
-        loss, g = jax.value_and_grad(_loss)(p, xb, y[ids])
-        u, s = tx.update(g, s, p)
-        return (optax.apply_updates(p, u), s), loss
+    def mask_fn(p: Any, f: jax.Array) -> Any:
+        if scope == "global":
+            return pj.magnitude_masks(p, f * targets, scope="global")
+        return pj.magnitude_masks(p, {k: f * v for k, v in targets.items()})
 
-    keys = jax.random.split(key, idx.shape[0])
-    (params, state), losses = jax.lax.scan(body, (params, state), (idx, keys))
-    return params, state, jnp.mean(losses)
+    return pj.pruning(inner, mask_fn, progress, begin_step=begin, end_step=end, update_every=every)
 
 
 @jax.jit
 def _errors(params: Any, x: jax.Array, y: jax.Array) -> jax.Array:
-    return jnp.sum(jnp.argmax(mlp_apply(params, x), -1) != y)
+    return jnp.sum(jnp.argmax(pj.mlp_apply(params, x), -1) != y)
 
 
 class Engine:
-    """The training set on the device, seeded batch orders, phases of whole jitted epochs."""
+    """The training set on the device and the budget; phases run through ``fit_scan``."""
 
     def __init__(
         self,
@@ -196,27 +166,18 @@ class Engine:
         if shift < 0:
             raise ValueError(f"shift must be >= 0, got {shift}")
         self.shift = int(shift)
-
-    def order(self, seed: int, epoch: int) -> jax.Array:
-        perm = np.random.default_rng([int(seed), int(epoch)]).permutation(self.n)
-        return jnp.asarray(perm[: self.steps_per_epoch * self.batch].reshape(-1, self.batch))
+        # one object for the whole run, so every epoch reuses one compilation
+        self.augment = None if shift == 0 else partial(shift_images, max_shift=self.shift)
 
     def run(
         self, spec_tail: tuple, kind: str, params: Any, aux: Any, epochs: int, seed: int
     ) -> tuple[Any, Any]:
-        """Train ``epochs`` epochs; returns ``(params, opt_state)``."""
-        total = self.steps_per_epoch * epochs
-        spec = (kind, self.lr, total, self.wd, *spec_tail)
-        params = jax.tree_util.tree_map(lambda a: jnp.array(a, copy=True), params)
-        state = make_tx(spec, aux).init(params)
-        for e in range(epochs):
-            key = jax.random.fold_in(jax.random.PRNGKey(int(seed)), e)
-            params, state, loss = _epoch(
-                spec, params, state, aux, self.x, self.y, self.order(seed, e), key, self.shift
-            )
-            if not np.isfinite(float(loss)):
-                raise FloatingPointError(f"{kind}: loss {float(loss)} in epoch {e + 1}")
-        return params, state
+        """Train ``epochs`` epochs of phase ``kind``; returns ``(params, opt_state)``."""
+        phase = Phase(kind, self.lr, self.steps_per_epoch * epochs, self.wd, tuple(spec_tail))
+        config = TrainConfig(epochs=epochs, batch_size=self.batch, seed=seed, desc=kind)
+        return fit_scan(
+            loss, phase, params, (self.x, self.y), config, aux=aux, augment=self.augment
+        )
 
     def test_error(self, params: Any) -> float:
         return float(_errors(params, self.xt, self.yt)) / len(self.yt)
@@ -239,7 +200,7 @@ def _masks_kept(masks: Any) -> int:
 
 def _init(seed: int | jax.Array) -> Any:
     key = jax.random.PRNGKey(seed) if isinstance(seed, int) else seed
-    return MLP().init(key, jnp.zeros((1, 784), jnp.float32))["params"]
+    return pj.MLP().init(key, jnp.zeros((1, 784), jnp.float32))["params"]
 
 
 def _jnp_targets(target: Any) -> Any:
@@ -248,171 +209,219 @@ def _jnp_targets(target: Any) -> Any:
     return jnp.float32(target)
 
 
+def _timed(fn: Callable[[], Any]) -> tuple[Any, float]:
+    t0 = time.perf_counter()
+    out = fn()
+    jax.block_until_ready(out)
+    return out, time.perf_counter() - t0
+
+
 # ----------------------------------------------------------------------------- one seed
 
 
-def run_seed(eng: Engine, seed: int, opts: argparse.Namespace, log: Callable[[str], None]):
-    """Every method at every sparsity for one seed; yields result records."""
-    records: list[dict] = []
-    init = _init(seed)
-    methods = opts.methods
+@dataclasses.dataclass
+class SeedRun:
+    """One seed's runs: the engine, options, the shared init/dense networks and the records."""
 
-    def record(method: str, s: float, params: Any, masks: Any, seconds: float, **extra) -> None:
+    eng: Engine
+    seed: int
+    opts: argparse.Namespace
+    log: Callable[[str], None]
+    init: Any = None
+    dense: Any = None
+    t_pre: float = 0.0
+    records: list[dict] = dataclasses.field(default_factory=list)
+
+    def record(self, method: str, s: float, params: Any, masks: Any, seconds: float, **extra):
         kept, total = _kernels_kept(params)
         mkept = _masks_kept(masks)
         if kept > mkept:
             raise AssertionError(f"{method}@{s}: {kept} nonzero kernel weights > {mkept} kept")
-        err = eng.test_error(params)
-        rec = {
-            "method": method,
-            "sparsity": s,
-            "seed": seed,
-            "test_error": err,
-            "weights_kept": mkept,
-            "nonzero_weights": kept,
-            "weights_total": total,
-            "seconds": seconds,
-            **extra,
-        }
-        records.append(rec)
-        log(
-            f"  seed {seed} {method:8s} s={s:.2f} error {100 * err:.2f}%  kept {mkept:,}/"
+        err = self.eng.test_error(params)
+        self.records.append(
+            {
+                "method": method,
+                "sparsity": s,
+                "seed": self.seed,
+                "test_error": err,
+                "weights_kept": mkept,
+                "nonzero_weights": kept,
+                "weights_total": total,
+                "seconds": seconds,
+                **extra,
+            }
+        )
+        self.log(
+            f"  seed {self.seed} {method:8s} s={s:.2f} error {100 * err:.2f}%  kept {mkept:,}/"
             f"{total:,}  {seconds:.1f}s"
         )
 
-    def timed(fn: Callable[[], Any]) -> tuple[Any, float]:
+    def train(self, kind: str, params: Any, aux: Any, epochs: int, tail: tuple = ()) -> tuple:
+        return self.eng.run(tail, kind, params, aux, epochs, self.seed)
+
+
+def _pretrain(run: SeedRun) -> None:
+    (dense, _), run.t_pre = _timed(
+        lambda: run.train("dense", run.init, None, run.opts.pretrain_epochs)
+    )
+    run.dense = dense
+    dense_err = run.eng.test_error(dense)
+    run.log(f"  seed {run.seed} dense pre-training: error {100 * dense_err:.2f}%  {run.t_pre:.1f}s")
+    kept, total = _kernels_kept(dense)
+    run.records.append(
+        {
+            "method": "dense",
+            "sparsity": 0.0,
+            "seed": run.seed,
+            "test_error": dense_err,
+            "weights_kept": total,
+            "nonzero_weights": kept,
+            "weights_total": total,
+            "seconds": run.t_pre,
+        }
+    )
+
+
+def _oneshot(run: SeedRun, s: float, target: Any, scope: str) -> None:
+    def go():
+        m = pj.magnitude_masks(run.dense, target, scope=scope)
+        p, _ = run.train("masked", pj.apply_masks(run.dense, m), m, run.opts.finetune_epochs)
+        return p, m
+
+    (p, m), t = _timed(go)
+    run.record("oneshot", s, p, m, t + run.t_pre)
+
+
+def _gradual(run: SeedRun, s: float, target: Any, scope: str) -> None:
+    o = run.opts
+    end = max(1, int(round(o.gradual_fraction * (o.finetune_epochs * run.eng.steps_per_epoch))))
+    every = max(1, min(o.gradual_every, end))
+
+    def go():
+        tail = (0, end, every, scope)
+        p, st = run.train("gradual", run.dense, _jnp_targets(target), o.finetune_epochs, tail)
+        return p, pj.current_masks(st)
+
+    (p, m), t = _timed(go)
+    run.record("gradual", s, p, m, t + run.t_pre)
+
+
+def _snip(run: SeedRun, s: float) -> None:
+    def go():
+        idx = np.random.default_rng([run.seed, 7]).permutation(run.eng.n)[: run.opts.snip_batch]
+        batch = (run.eng.x[idx], run.eng.y[idx])
+        m = pj.snip_masks_from_batch(lambda p, b: loss(p, *b), run.init, batch, s)
+        p, _ = run.train("masked", pj.apply_masks(run.init, m), m, run.opts.scratch_epochs)
+        return p, m
+
+    (p, m), t = _timed(go)
+    run.record("snip", s, p, m, t)
+
+
+def _from_scratch(run: SeedRun, kind: str, s: float, key: jax.Array, erk: Any) -> None:
+    """SET, RigL or the random static mask, from random ERK masks at init."""
+    o = run.opts
+
+    def go():
+        m0 = pj.random_masks(key, run.init, erk)
+        p0 = pj.apply_masks(run.init, m0)
+        if kind == "static":
+            p, _ = run.train("masked", p0, m0, o.scratch_epochs)
+            return p, m0
+        t_end = max(2, int(round(o.dst_end * (run.eng.steps_per_epoch * o.scratch_epochs))))
+        tail = (o.delta_t, t_end, o.drop_fraction)
+        p, st = run.train(kind, p0, m0, o.scratch_epochs, tail)
+        return p, st.masks
+
+    (p, m), t = _timed(go)
+    run.record(kind, s, p, m, t)
+
+
+def _at_sparsity(run: SeedRun, s: float) -> None:
+    """Every per-sparsity method (all but the lottery ticket chain) at sparsity ``s``."""
+    methods = run.opts.methods
+    erk = pj.erk_sparsity(run.init, s)
+    # magnitude methods: ERK per layer, or one global ranking
+    target, scope = (s, "global") if run.opts.distribution == "global" else (erk, "layer")
+    key = jax.random.fold_in(jax.random.PRNGKey(run.seed), int(round(s * 1e4)))
+    if "oneshot" in methods:
+        _oneshot(run, s, target, scope)
+    if "gradual" in methods:
+        _gradual(run, s, target, scope)
+    if "snip" in methods:
+        _snip(run, s)
+    for kind in ("set", "rigl", "static"):
+        if kind in methods:
+            _from_scratch(run, kind, s, key, erk)
+
+
+def _lottery(run: SeedRun) -> dict[float, Any]:
+    """The lottery-ticket chain from the dense network; returns the tickets' masks."""
+    o = run.opts
+    chain = sorted(set(o.lt_rounds) | set(o.sparsities))
+    elapsed = [run.t_pre]
+    tickets: dict[float, Any] = {}
+
+    def train_fn(params: Any, masks: Any) -> Any:
         t0 = time.perf_counter()
-        out = fn()
-        jax.block_until_ready(out)
-        return out, time.perf_counter() - t0
+        p, _ = run.train("masked", params, masks, o.lt_epochs)
+        jax.block_until_ready(p)
+        elapsed.append(time.perf_counter() - t0)
+        return p
 
-    spe = eng.steps_per_epoch
-    need_dense = any(m in methods for m in ("oneshot", "gradual", "lottery", "reinit"))
-    if need_dense:
-        (dense, _), t_pre = timed(
-            lambda: eng.run((), "dense", init, None, opts.pretrain_epochs, seed)
-        )
-        dense_err = eng.test_error(dense)
-        log(f"  seed {seed} dense pre-training: error {100 * dense_err:.2f}%  {t_pre:.1f}s")
-        records.append(
-            {
-                "method": "dense",
-                "sparsity": 0.0,
-                "seed": seed,
-                "test_error": dense_err,
-                "weights_kept": _kernels_kept(dense)[1],
-                "nonzero_weights": _kernels_kept(dense)[0],
-                "weights_total": _kernels_kept(dense)[1],
-                "seconds": t_pre,
-            }
-        )
+    def on_round(r: pj.LotteryRound) -> None:
+        s = chain[r.round - 1]
+        tickets[s] = r.masks
+        if s in o.sparsities and "lottery" in o.methods:
+            run.record("lottery", s, r.params, r.masks, sum(elapsed), round=r.round)
 
-    for s in opts.sparsities:
-        erk = erk_sparsity(init, s)
-        # magnitude methods: ERK per layer, or one global ranking
-        target, scope = (s, "global") if opts.distribution == "global" else (erk, "layer")
-        key = jax.random.fold_in(jax.random.PRNGKey(seed), int(round(s * 1e4)))
-        if "oneshot" in methods:
+    pj.lottery_ticket(
+        train_fn,
+        run.init,
+        [s if o.distribution == "global" else pj.erk_sparsity(run.init, s) for s in chain],
+        trained_params=run.dense,
+        scope="global" if o.distribution == "global" else "layer",
+        on_round=on_round,
+    )
+    return tickets
 
-            def oneshot(target=target, scope=scope):
-                m = magnitude_masks(dense, target, scope=scope)
-                p, _ = eng.run((), "masked", apply_masks(dense, m), m, opts.finetune_epochs, seed)
-                return p, m
 
-            (p, m), t = timed(oneshot)
-            record("oneshot", s, p, m, t + t_pre)
-        if "gradual" in methods:
-            ft = opts.finetune_epochs * spe
-            end = max(1, int(round(opts.gradual_fraction * ft)))
-            every = max(1, min(opts.gradual_every, end))
+def _reinit(run: SeedRun, tickets: dict[float, Any]) -> None:
+    for s in run.opts.sparsities:
 
-            def gradual(target=target, scope=scope, end=end, every=every):
-                p, st = eng.run(
-                    (0, end, every, scope),
-                    "gradual",
-                    dense,
-                    _jnp_targets(target),
-                    opts.finetune_epochs,
-                    seed,
-                )
-                return p, current_masks(st)
-
-            (p, m), t = timed(gradual)
-            record("gradual", s, p, m, t + t_pre)
-        if "snip" in methods:
-
-            def snip(s=s):
-                idx = np.random.default_rng([seed, 7]).permutation(eng.n)[: opts.snip_batch]
-                batch = (eng.x[idx], eng.y[idx])
-                m = snip_masks_from_batch(lambda p, b: _loss(p, *b), init, batch, s)
-                p, _ = eng.run((), "masked", apply_masks(init, m), m, opts.scratch_epochs, seed)
-                return p, m
-
-            (p, m), t = timed(snip)
-            record("snip", s, p, m, t)
-        for kind in ("set", "rigl", "static"):
-            if kind not in methods:
-                continue
-
-            def dst(kind=kind, key=key, erk=erk):
-                m0 = random_masks(key, init, erk)
-                p0 = apply_masks(init, m0)
-                if kind == "static":
-                    p, _ = eng.run((), "masked", p0, m0, opts.scratch_epochs, seed)
-                    return p, m0
-                total = spe * opts.scratch_epochs
-                t_end = max(2, int(round(opts.dst_end * total)))
-                p, st = eng.run(
-                    (opts.delta_t, t_end, opts.drop_fraction),
-                    kind,
-                    p0,
-                    m0,
-                    opts.scratch_epochs,
-                    seed,
-                )
-                return p, st.masks
-
-            (p, m), t = timed(dst)
-            record(kind, s, p, m, t)
-
-    if "lottery" in methods or "reinit" in methods:
-        chain = sorted(set(opts.lt_rounds) | set(opts.sparsities))
-        elapsed = [t_pre]
-        tickets: dict[float, Any] = {}
-
-        def train_fn(params: Any, masks: Any) -> Any:
-            t0 = time.perf_counter()
-            p, _ = eng.run((), "masked", params, masks, opts.lt_epochs, seed)
-            jax.block_until_ready(p)
-            elapsed.append(time.perf_counter() - t0)
+        def go(s=s):
+            key = jax.random.fold_in(jax.random.PRNGKey(run.seed + 10_000), int(s * 1e4))
+            p0 = pj.random_reinit(key, tickets[s], _init)
+            p, _ = run.train("masked", p0, tickets[s], run.opts.lt_epochs)
             return p
 
-        def on_round(r: LotteryRound) -> None:
-            s = chain[r.round - 1]
-            tickets[s] = r.masks
-            if s in opts.sparsities and "lottery" in methods:
-                record("lottery", s, r.params, r.masks, sum(elapsed), round=r.round)
+        p, t = _timed(go)
+        run.record("reinit", s, p, tickets[s], t)
 
-        lottery_ticket(
-            train_fn,
-            init,
-            [s if opts.distribution == "global" else erk_sparsity(init, s) for s in chain],
-            trained_params=dense,
-            scope="global" if opts.distribution == "global" else "layer",
-            on_round=on_round,
-        )
+
+def run_seed(eng: Engine, seed: int, opts: argparse.Namespace, log: Callable[[str], None]):
+    """Every method at every sparsity for one seed.
+
+    Args:
+      eng: the engine (data on the device, budget).
+      seed: the seed of the init, the batch orders and the masks.
+      opts: the parsed options (:func:`parse_args`).
+      log: where progress lines go.
+
+    Returns:
+      The result records (dicts), the dense pre-training first when it ran.
+    """
+    run = SeedRun(eng, seed, opts, log, init=_init(seed))
+    methods = opts.methods
+    if any(m in methods for m in ("oneshot", "gradual", "lottery", "reinit")):
+        _pretrain(run)
+    for s in opts.sparsities:
+        _at_sparsity(run, s)
+    if "lottery" in methods or "reinit" in methods:
+        tickets = _lottery(run)
         if "reinit" in methods:
-            for s in opts.sparsities:
-
-                def reinit(s=s):
-                    key = jax.random.fold_in(jax.random.PRNGKey(seed + 10_000), int(s * 1e4))
-                    p0 = random_reinit(key, tickets[s], _init)
-                    p, _ = eng.run((), "masked", p0, tickets[s], opts.lt_epochs, seed)
-                    return p
-
-                p, t = timed(reinit)
-                record("reinit", s, p, tickets[s], t)
-    return records
+            _reinit(run, tickets)
+    return run.records
 
 
 # ----------------------------------------------------------------------------- report
@@ -566,20 +575,9 @@ def _plot(rows: list[dict], path: str) -> None:
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
     fig.tight_layout()
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), suffix=".png")
-    os.close(fd)
-    fig.savefig(tmp, dpi=120)
+    with atomic_path(path, suffix=".png") as tmp:
+        fig.savefig(tmp, dpi=120)
     plt.close(fig)
-    os.chmod(tmp, 0o644)
-    os.replace(tmp, path)
-
-
-def _atomic_write(path: str, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), prefix=".tmp-")
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-    os.chmod(tmp, 0o644)
-    os.replace(tmp, path)
 
 
 # ----------------------------------------------------------------------------- main
@@ -594,9 +592,17 @@ def _ints(s: str) -> list[int]:
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    """The benchmark's options (``--quick`` shrinks the budget to a smoke run).
+
+    Args:
+      argv: the arguments (``None``: ``sys.argv[1:]``).
+
+    Returns:
+      The options, ``methods`` as a list and ``out`` set.
+    """
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--quick", action="store_true", help="smoke run (< 2 min)")
-    p.add_argument("--out", default=None, help="output folder (default: this folder)")
+    p.add_argument("--out", default=None, help="output folder (default: benchmarks/results)")
     p.add_argument("--seeds", type=_ints, default=[0, 1, 2])
     p.add_argument("--sparsities", type=_floats, default=[0.9, 0.95, 0.98])
     p.add_argument("--methods", default=",".join(k for k in METHODS if k != "static"))
@@ -642,11 +648,19 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     if unknown:
         p.error(f"unknown methods {unknown}; choose from {list(METHODS)}")
     if opts.out is None:
-        opts.out = tempfile.mkdtemp(prefix="sparse_training_") if opts.quick else HERE
+        opts.out = tempfile.mkdtemp(prefix="sparse_training_") if opts.quick else RESULTS
     return opts
 
 
 def main(argv: Sequence[str] | None = None) -> dict:
+    """Run the comparison and write ``sparse_training.{json,md,png}``.
+
+    Args:
+      argv: the arguments (``None``: ``sys.argv[1:]``).
+
+    Returns:
+      ``{"meta", "summary", "runs"}`` as written to the JSON file.
+    """
     opts = parse_args(argv)
     os.makedirs(opts.out, exist_ok=True)
     t_start = time.perf_counter()
@@ -667,11 +681,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     wall = time.perf_counter() - t_start
     sparse_methods = [m for m in METHODS if m in opts.methods]
     rows = _summary(records, opts.sparsities, sparse_methods)
-    cmd = "python benchmarks/sparse_training.py" + (
-        " " + " ".join(sys.argv[1:]) if argv is None and len(sys.argv) > 1 else ""
-    )
-    if argv is not None:
-        cmd = "python benchmarks/sparse_training.py " + " ".join(argv)
+    cmd = "python -m benchmarks.sparse_training " + " ".join(sys.argv[1:] if argv is None else argv)
     meta = {
         "command": cmd.strip(),
         "date": _dt.datetime.now(_dt.UTC).strftime("%Y-%m-%d %H:%M UTC"),
@@ -688,9 +698,9 @@ def main(argv: Sequence[str] | None = None) -> dict:
     }
     result = {"meta": meta, "summary": rows, "runs": records}
     base = os.path.join(opts.out, NAME)
-    _atomic_write(base + ".json", json.dumps(result, indent=1, default=float) + "\n")
+    atomic_write_text(base + ".json", json.dumps(result, indent=1, default=float) + "\n")
     dense_rows = [r for r in records if r["method"] == "dense"]
-    _atomic_write(base + ".md", _markdown(meta, rows, dense_rows))
+    atomic_write_text(base + ".md", _markdown(meta, rows, dense_rows))
     _plot(rows, base + ".png")
     log(f"wrote {base}.json/.md/.png; total {wall / 60:.1f} min")
     return result

@@ -10,6 +10,15 @@ Everything public is re-exported here; ``prunejax.keras`` (optional, needs Keras
 """
 
 from prunejax._util import DenseLayer, dense_layers
+from prunejax.apps.mnist.checkpoint import (
+    CheckpointError,
+    load_checkpoint,
+    restore_checkpoint,
+    save_checkpoint,
+)
+from prunejax.apps.mnist.data import batches, load_mnist
+from prunejax.apps.mnist.recipe import gradual_pruning, iterative_pruning
+from prunejax.apps.mnist.train import evaluate, fit
 from prunejax.compact import Compacted, compact, compaction_plan
 from prunejax.criteria import (
     MovementState,
@@ -21,7 +30,6 @@ from prunejax.criteria import (
     snip_masks_from_batch,
     snip_scores,
 )
-from prunejax.data import batches, load_mnist
 from prunejax.distributions import (
     custom_sparsity,
     erk_sparsity,
@@ -62,16 +70,6 @@ from prunejax.schedules import (
     polynomial_sparsity,
 )
 from prunejax.sparse import densify, format_of, formats_of, predict_times, sparsify
-from prunejax.train import (
-    CheckpointError,
-    evaluate,
-    fit,
-    gradual_pruning,
-    iterative_pruning,
-    load_checkpoint,
-    restore_checkpoint,
-    save_checkpoint,
-)
 
 __version__ = "0.1.0"
 

@@ -1,6 +1,6 @@
 """``python -m prunejax mnist`` — same as the ``prunejax`` console script."""
 
-from prunejax.cli import main
-
 if __name__ == "__main__":
+    from prunejax.apps.mnist.cli import main
+
     raise SystemExit(main())

@@ -1,11 +1,12 @@
 import numpy as np
 import pytest
 
-from prunejax import data as pdata
-from prunejax.data import (
+from prunejax._util import cache_dir
+from prunejax.apps.mnist import data as pdata
+from prunejax.apps.mnist.augment import random_shift
+from prunejax.apps.mnist.data import (
     MNIST_TRAIN_LABEL_COUNTS,
     batches,
-    cache_dir,
     find_data_dir,
     load_mnist,
     num_batches,
@@ -40,7 +41,7 @@ def test_env_var_beats_repository_copies(tmp_path, monkeypatch):
 
 def test_nothing_found_lists_every_candidate(tmp_path, monkeypatch):
     cands = [("a", tmp_path / "a"), ("b", tmp_path / "b")]
-    monkeypatch.setattr(pdata, "_candidates", lambda: cands)
+    monkeypatch.setattr(pdata, "data_candidates", lambda: cands)
     with pytest.raises(FileNotFoundError) as e:
         find_data_dir()
     assert str(tmp_path / "a" / "mnist") in str(e.value)
@@ -72,7 +73,7 @@ def test_cache_is_written_and_then_used(tmp_path, monkeypatch):
         "y_test": real.y_test,
     }
     monkeypatch.setenv("PRUNEJAX_CACHE_DIR", str(tmp_path))
-    monkeypatch.setattr(pdata, "_decode", lambda src: raw)
+    monkeypatch.setattr(pdata, "decode_mnist", lambda src: raw)
     load_mnist()
     files = list(tmp_path.glob("mnist-*.npz"))
     assert len(files) == 1 and not list(tmp_path.glob("*.tmp"))
@@ -80,7 +81,7 @@ def test_cache_is_written_and_then_used(tmp_path, monkeypatch):
     def fail(src):
         raise AssertionError("the cache should have been used")
 
-    monkeypatch.setattr(pdata, "_decode", fail)
+    monkeypatch.setattr(pdata, "decode_mnist", fail)
     again = load_mnist()
     np.testing.assert_array_equal(again.x_test, real.x_test)
     np.testing.assert_array_equal(again.y_train, real.y_train)
@@ -112,8 +113,6 @@ def test_batches_remainder_and_bad_sizes():
 
 
 def test_random_shift_translates_each_image():
-    from prunejax.data import random_shift
-
     rng = np.random.default_rng(0)
     img = np.zeros((28, 28), np.float32)
     img[10:14, 12:15] = 1.0

@@ -9,12 +9,12 @@ import numpy as np
 import optax
 import pytest
 
-import prunejax.train as ptrain
-from prunejax.masks import apply_masks, magnitude_masks
-from prunejax.models import MLP
-from prunejax.optim import masked
-from prunejax.train import (
+import prunejax.apps.mnist.train as ptrain
+from prunejax import apply_masks, magnitude_masks, masked
+from prunejax.apps.mnist import (
     CheckpointError,
+    TrainConfig,
+    classifier_loss,
     evaluate,
     fit,
     gradual_pruning,
@@ -24,8 +24,14 @@ from prunejax.train import (
     restore_checkpoint,
     save_checkpoint,
 )
+from prunejax.models import MLP
 
 MODEL = MLP(features=(16, 3), dropout=0.1)
+LOSS = classifier_loss(MODEL)
+
+
+def _cfg(epochs, batch_size, seed=0, **kw):
+    return TrainConfig(epochs=epochs, batch_size=batch_size, seed=seed, progress=False, **kw)
 
 
 def _init(model=MODEL, seed=0, d=20):
@@ -41,19 +47,8 @@ def test_fit_learns_and_is_deterministic(toy_data):
     x, y, xt, yt = toy_data
     params = _init()
     tx = make_optimizer(1e-2, 4 * 12)
-    a = fit(
-        MODEL,
-        params,
-        x,
-        y,
-        tx=tx,
-        epochs=4,
-        batch_size=32,
-        seed=1,
-        progress=False,
-        eval_data=(xt, yt),
-    )
-    b = fit(MODEL, params, x, y, tx=tx, epochs=4, batch_size=32, seed=1, progress=False)
+    a = fit(LOSS, params, tx, (x, y), _cfg(4, 32, 1), eval_fn=lambda p: evaluate(MODEL, p, xt, yt))
+    b = fit(LOSS, params, tx, (x, y), _cfg(4, 32, 1))
     _leaves_equal(a.params, b.params)
     assert a.history[-1]["test_accuracy"] > 0.9
     assert [h["epoch"] for h in a.history] == [1, 2, 3, 4]
@@ -71,7 +66,7 @@ def test_resume_after_interrupt_equals_uninterrupted_run(toy_data, tmp_path, mon
     def tx():
         return masked(make_optimizer(1e-2, 5 * 12), masks)
 
-    full = fit(MODEL, params, x, y, tx=tx(), epochs=5, batch_size=32, seed=7, progress=False)
+    full = fit(LOSS, params, tx(), (x, y), _cfg(5, 32, 7))
 
     ckpt = tmp_path / "run.ckpt"
     real_batches = ptrain.batches
@@ -84,35 +79,12 @@ def test_resume_after_interrupt_equals_uninterrupted_run(toy_data, tmp_path, mon
 
     monkeypatch.setattr(ptrain, "batches", interrupted)
     with pytest.raises(KeyboardInterrupt):
-        fit(
-            MODEL,
-            params,
-            x,
-            y,
-            tx=tx(),
-            epochs=5,
-            batch_size=32,
-            seed=7,
-            progress=False,
-            checkpoint=ckpt,
-        )
+        fit(LOSS, params, tx(), (x, y), _cfg(5, 32, 7), checkpoint=ckpt)
     monkeypatch.setattr(ptrain, "batches", real_batches)
     _, meta = load_checkpoint(ckpt)
     assert meta["epoch"] == 3  # the last complete epoch
     assert not list(tmp_path.glob("*.tmp"))
-    resumed = fit(
-        MODEL,
-        params,
-        x,
-        y,
-        tx=tx(),
-        epochs=5,
-        batch_size=32,
-        seed=7,
-        progress=False,
-        checkpoint=ckpt,
-        resume=True,
-    )
+    resumed = fit(LOSS, params, tx(), (x, y), _cfg(5, 32, 7), checkpoint=ckpt, resume=True)
     _leaves_equal(full.params, resumed.params)
     _leaves_equal(full.opt_state, resumed.opt_state)
     assert [h["epoch"] for h in resumed.history] == [1, 2, 3, 4, 5]
@@ -120,19 +92,7 @@ def test_resume_after_interrupt_equals_uninterrupted_run(toy_data, tmp_path, mon
     assert np.all(k[~np.asarray(masks["Dense_0"]["kernel"])] == 0)
     # other settings: refused
     with pytest.raises(CheckpointError, match="other settings"):
-        fit(
-            MODEL,
-            params,
-            x,
-            y,
-            tx=tx(),
-            epochs=5,
-            batch_size=32,
-            seed=8,
-            progress=False,
-            checkpoint=ckpt,
-            resume=True,
-        )
+        fit(LOSS, params, tx(), (x, y), _cfg(5, 32, 8), checkpoint=ckpt, resume=True)
 
 
 def test_checkpoint_errors(tmp_path):
@@ -165,18 +125,7 @@ def test_nan_loss_names_the_step(toy_data):
     order = np.random.default_rng([seed, 0]).permutation(len(x))
     step = int(np.flatnonzero(order == bad)[0]) // batch
     with pytest.raises(FloatingPointError, match=f"at step {step} "):
-        fit(
-            MODEL,
-            _init(),
-            x,
-            y,
-            tx=optax.adam(1e-3),
-            epochs=1,
-            batch_size=batch,
-            seed=seed,
-            progress=False,
-            log_every=4,
-        )
+        fit(LOSS, _init(), optax.adam(1e-3), (x, y), _cfg(1, batch, seed, log_every=4))
 
 
 def test_bad_inputs(toy_data):
@@ -188,38 +137,24 @@ def test_bad_inputs(toy_data):
     with pytest.raises(ValueError, match="schedule"):
         make_optimizer(1e-3, 10, schedule="warmup-cosine-magic")
     with pytest.raises(ValueError, match="larger than the split"):
-        fit(
-            MODEL,
-            _init(),
-            x,
-            y,
-            tx=optax.adam(1e-3),
-            epochs=1,
-            batch_size=len(x) + 1,
-            progress=False,
-        )
+        fit(LOSS, _init(), optax.adam(1e-3), (x, y), _cfg(1, len(x) + 1))
     with pytest.raises(ValueError, match="epochs"):
-        fit(MODEL, _init(), x, y, tx=optax.adam(1e-3), epochs=-1, batch_size=8, progress=False)
+        fit(LOSS, _init(), optax.adam(1e-3), (x, y), _cfg(-1, 8))
 
 
 def test_iterative_pruning_rounds(toy_data, tmp_path):
     x, y, xt, yt = toy_data
-    params = fit(
-        MODEL, _init(), x, y, tx=make_optimizer(1e-2, 24), epochs=2, batch_size=32, progress=False
-    ).params
+    params = fit(LOSS, _init(), make_optimizer(1e-2, 24), (x, y), _cfg(2, 32)).params
     seen = []
     res = iterative_pruning(
-        MODEL,
+        LOSS,
         params,
-        x,
-        y,
+        (x, y),
         sparsities=[0.5, 0.75],
         optimizer=lambda n: make_optimizer(1e-3, n),
-        epochs_per_round=1,
-        batch_size=32,
-        eval_data=(xt, yt),
+        config=_cfg(1, 32),
+        eval_fn=lambda p: evaluate(MODEL, p, xt, yt),
         checkpoint_dir=tmp_path,
-        progress=False,
         on_round=seen.append,
     )
     assert [r.round for r in res] == [1, 2] and len(seen) == 2
@@ -237,16 +172,13 @@ def test_iterative_pruning_rounds(toy_data, tmp_path):
 def test_gradual_pruning_reaches_the_target(toy_data):
     x, y, _, _ = toy_data
     params, masks, res = gradual_pruning(
-        MODEL,
+        LOSS,
         _init(),
-        x,
-        y,
+        (x, y),
         sparsity={"Dense_0/kernel": 0.8, "Dense_1/kernel": 0.5},
         optimizer=lambda n: make_optimizer(1e-2, n),
-        epochs=3,
-        batch_size=32,
+        config=_cfg(3, 32),
         update_every=5,
-        progress=False,
     )
     k0 = np.asarray(masks["Dense_0"]["kernel"])
     assert (~k0).sum() == 256
@@ -259,10 +191,8 @@ _MULTI = textwrap.dedent(
     """
     import jax, numpy as np
     assert jax.device_count() == 4, jax.devices()
-    from prunejax.masks import apply_masks, magnitude_masks
-    from prunejax.models import MLP
-    from prunejax.optim import masked
-    from prunejax.train import data_mesh, fit, make_optimizer
+    from prunejax import MLP, apply_masks, magnitude_masks, masked
+    from prunejax.apps.mnist import TrainConfig, classifier_loss, data_mesh, fit, make_optimizer
     rng = np.random.default_rng(0)
     x = rng.normal(size=(256, 20)).astype(np.float32)
     y = rng.integers(0, 3, 256).astype(np.int32)
@@ -272,8 +202,9 @@ _MULTI = textwrap.dedent(
     p = apply_masks(p, m)
     out = {}
     for n in (1, 4):
-        r = fit(model, p, x, y, tx=masked(make_optimizer(1e-2, 24), m), epochs=3,
-                batch_size=32, seed=0, progress=False, mesh=data_mesh(jax.devices()[:n]))
+        r = fit(classifier_loss(model), p, masked(make_optimizer(1e-2, 24), m), (x, y),
+                TrainConfig(epochs=3, batch_size=32, seed=0, progress=False),
+                mesh=data_mesh(jax.devices()[:n]))
         out[n] = r
     for a, b in zip(jax.tree_util.tree_leaves(out[1].params),
                     jax.tree_util.tree_leaves(out[4].params)):
@@ -284,8 +215,8 @@ _MULTI = textwrap.dedent(
     k = np.asarray(out[4].params["Dense_0"]["kernel"])
     assert np.all(k[~np.asarray(m["Dense_0"]["kernel"])] == 0)
     try:
-        fit(model, p, x, y, tx=make_optimizer(1e-2, 8), epochs=1, batch_size=30, seed=0,
-            progress=False, mesh=data_mesh())
+        fit(classifier_loss(model), p, make_optimizer(1e-2, 8), (x, y),
+            TrainConfig(epochs=1, batch_size=30, seed=0, progress=False), mesh=data_mesh())
     except ValueError as e:
         assert "multiple of the number of devices" in str(e)
     else:
@@ -312,7 +243,7 @@ def test_data_parallel_matches_single_device():
 
 
 def test_cli_rejects_bad_input(tmp_path, capsys):
-    from prunejax.cli import main
+    from prunejax.apps.mnist.cli import main
 
     assert main(["mnist", "--lr", "0", "--out", str(tmp_path)]) == 2
     assert "--lr" in capsys.readouterr().err
@@ -324,14 +255,14 @@ def test_cli_rejects_bad_input(tmp_path, capsys):
     assert e.value.code == 2
     with pytest.raises(SystemExit):
         main(["mnist", "--schedule", "nonsense"])
-    from prunejax.cli import _mask_builder
+    from prunejax.apps.mnist.recipe import mask_builder
 
     with pytest.raises(ValueError, match="unknown mask method"):
-        _mask_builder("nonsense", ["Dense_0"])
+        mask_builder("nonsense", ["Dense_0"])
 
 
 def test_layer_densities():
-    from prunejax.cli import layer_densities
+    from prunejax.apps.mnist.recipe import layer_densities
 
     sizes = [235200, 30000, 1000]
     assert layer_densities(sizes) == (0.08, 0.09, 0.26)
@@ -345,7 +276,7 @@ def test_layer_densities():
 
 @pytest.mark.slow
 def test_real_mnist_subset_trains():
-    from prunejax.data import find_data_dir, load_mnist
+    from prunejax.apps.mnist.data import find_data_dir, load_mnist
 
     try:
         find_data_dir()
@@ -355,27 +286,21 @@ def test_real_mnist_subset_trains():
     model = MLP(features=(100, 10))
     params = _init(model, d=784)
     res = fit(
-        model,
+        classifier_loss(model),
         params,
-        d.x_train[:4000],
-        d.y_train[:4000],
-        tx=make_optimizer(3e-3, 155),
-        epochs=5,
-        batch_size=128,
-        progress=False,
+        make_optimizer(3e-3, 155),
+        (d.x_train[:4000], d.y_train[:4000]),
+        _cfg(5, 128),
     )
     assert evaluate(model, res.params, d.x_test[:2000], d.y_test[:2000])["accuracy"] > 0.9
     masks = magnitude_masks(res.params, {"Dense_0/kernel": 0.9})
     pruned = apply_masks(res.params, masks)
     ft = fit(
-        model,
+        classifier_loss(model),
         pruned,
-        d.x_train[:4000],
-        d.y_train[:4000],
-        tx=masked(make_optimizer(3e-3, 93), masks),
-        epochs=3,
-        batch_size=128,
-        progress=False,
+        masked(make_optimizer(3e-3, 93), masks),
+        (d.x_train[:4000], d.y_train[:4000]),
+        _cfg(3, 128),
     )
     k = np.asarray(ft.params["Dense_0"]["kernel"])
     assert np.count_nonzero(k) == round(0.1 * k.size)
@@ -384,12 +309,12 @@ def test_real_mnist_subset_trains():
 
 @pytest.mark.parametrize("method", ["magnitude", "threshold", "global"])
 def test_cli_mask_methods_hit_the_densities(method):
-    from prunejax.cli import _mask_builder
+    from prunejax.apps.mnist.recipe import mask_builder
 
     params = _init(MLP(features=(40, 30, 5)))
     names = ["Dense_0", "Dense_1", "Dense_2"]
     s = (0.9, 0.8, 0.5)
-    masks = _mask_builder(method, names)(params, s)
+    masks = mask_builder(method, names)(params, s)
     kept = [int(np.asarray(masks[n]["kernel"]).sum()) for n in names]
     sizes = [800, 1200, 150]
     if method == "global":
@@ -399,3 +324,36 @@ def test_cli_mask_methods_hit_the_densities(method):
         for k, a, n in zip(kept, s, sizes, strict=True):
             assert abs(k - (1 - a) * n) <= 1
     assert all(np.asarray(masks[n]["bias"]).all() for n in names)
+
+
+_PIPED = textwrap.dedent(
+    """
+    import jax, numpy as np
+    from prunejax.apps.mnist import TrainConfig, classifier_loss, fit, make_optimizer
+    from prunejax.models import MLP
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(128, 20)).astype(np.float32)
+    y = rng.integers(0, 3, 128).astype(np.int32)
+    model = MLP(features=(16, 3))
+    p = model.init(jax.random.key(0), x[:1])["params"]
+    fit(classifier_loss(model), p, make_optimizer(1e-2, 12), (x, y),
+        TrainConfig(epochs=3, batch_size=32, desc="piped", log_every=1))
+    """
+)
+
+
+def test_progress_off_a_terminal_is_one_plain_line_per_epoch():
+    r = subprocess.run(
+        [sys.executable, "-c", _PIPED],
+        env={**os.environ, "JAX_PLATFORMS": "cpu"},
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=Path(__file__).parents[1],
+    )
+    assert r.returncode == 0, r.stdout + r.stderr
+    out = r.stdout + r.stderr
+    assert "\r" not in out
+    lines = [ln for ln in out.splitlines() if ln.startswith("piped ")]
+    assert [ln.split(":")[0] for ln in lines] == ["piped 1/3", "piped 2/3", "piped 3/3"]
+    assert all("loss" in ln and "sparsity" in ln for ln in lines)

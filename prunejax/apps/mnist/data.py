@@ -1,34 +1,40 @@
-"""MNIST through tensorflow-datasets (no TensorFlow), with a decoded-array cache and batching.
+"""MNIST through tensorflow-datasets (no TensorFlow), with a decoded-array cache, and batching.
 
-The prepared TFDS directory (``mnist/3.0.1/*.array_record``) is read with
-``tfds.data_source``, which needs Pillow but not TensorFlow.  Decoding the 70,000 PNGs takes a few
-seconds, so the decoded arrays are cached as a ``.npz`` file (written atomically) keyed by the
-source directory.
+The prepared TFDS directory (``mnist/3.0.1/*.array_record``) is read with ``tfds.data_source``,
+which needs Pillow but not TensorFlow.  Decoding the 70,000 PNGs takes a few seconds, so the
+decoded arrays are cached as a ``.npz`` file (written atomically) in
+:func:`prunejax._util.cache_dir`, keyed by the source directory.
 """
 
 from __future__ import annotations
 
 import hashlib
 import os
-import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import NamedTuple
 
 import numpy as np
 
+from prunejax._util import atomic_path, cache_dir, check_int
+
 __all__ = [
+    "DEFAULT_DATA_DIR",
     "MNIST",
     "MNIST_TRAIN_LABEL_COUNTS",
+    "batch_indices",
     "batches",
-    "cache_dir",
+    "data_candidates",
+    "decode_mnist",
+    "epoch_order",
     "find_data_dir",
     "load_mnist",
     "num_batches",
-    "random_shift",
 ]
 
 MNIST_TRAIN_LABEL_COUNTS = (5923, 6742, 5958, 6131, 5842, 5421, 5918, 6265, 5851, 5949)
+DEFAULT_DATA_DIR = Path("data") / "tensorflow_datasets"
+"""The documented default, relative to the current working directory (a clone's root)."""
 _SPLIT_SIZES = {"train": 60_000, "test": 10_000}
 _CACHE_VERSION = 1
 
@@ -42,23 +48,22 @@ class MNIST(NamedTuple):
     y_test: np.ndarray
 
 
-def _repo_root() -> Path:
-    return Path(__file__).resolve().parents[1]
+# ----------------------------------------------------------------------------- finding the data
 
 
-def _candidates() -> list[tuple[str, Path]]:
+def data_candidates() -> list[tuple[str, Path]]:
+    """The TFDS data directories looked at when no ``data_dir`` is given, in order.
+
+    Returns:
+      ``(why, directory)`` pairs: ``$TFDS_DATA_DIR`` (when set), then
+      ``data/tensorflow_datasets`` in the current working directory, then the TFDS default
+      ``~/tensorflow_datasets``.
+    """
     out: list[tuple[str, Path]] = []
     env = os.environ.get("TFDS_DATA_DIR")
     if env:
         out.append(("$TFDS_DATA_DIR", Path(env).expanduser()))
-    root = _repo_root()
-    out.append(("repository copy", root / "data" / "tensorflow_datasets"))
-    out.append(
-        (
-            "shared data beside the repository",
-            root.parent / "shared" / "data" / "tensorflow_datasets",
-        )
-    )
+    out.append(("default, relative to the working directory", Path.cwd() / DEFAULT_DATA_DIR))
     out.append(("TFDS default", Path.home() / "tensorflow_datasets"))
     return out
 
@@ -74,8 +79,8 @@ def find_data_dir(data_dir: str | os.PathLike | None = None) -> Path:
     """The TFDS data directory that holds MNIST.
 
     Resolution order: the explicit ``data_dir`` (used alone when given) > ``$TFDS_DATA_DIR`` >
-    ``<repo>/data/tensorflow_datasets`` > ``<repo>/../shared/data/tensorflow_datasets`` >
-    ``~/tensorflow_datasets``; the first that holds a prepared ``mnist`` wins.
+    ``data/tensorflow_datasets`` in the current working directory > ``~/tensorflow_datasets``
+    (see :func:`data_candidates`); the first that holds a prepared ``mnist`` wins.
 
     Args:
       data_dir: an explicit TFDS data directory.
@@ -84,12 +89,13 @@ def find_data_dir(data_dir: str | os.PathLike | None = None) -> Path:
       The directory (its ``mnist/<version>/`` subdirectory holds the array_record files).
 
     Raises:
-      FileNotFoundError: no candidate holds MNIST; the message lists every place looked at.
+      FileNotFoundError: no candidate holds MNIST; the message lists every place looked at and
+        how to provide the data.
     """
     if data_dir is not None:
         cands = [("data_dir argument", Path(data_dir).expanduser())]
     else:
-        cands = _candidates()
+        cands = data_candidates()
     for _, d in cands:
         if _has_mnist(d):
             return d.resolve()
@@ -97,22 +103,15 @@ def find_data_dir(data_dir: str | os.PathLike | None = None) -> Path:
     raise FileNotFoundError(
         "MNIST (a prepared tensorflow-datasets directory mnist/<version>/ with array_record "
         f"files) was not found. Looked in:\n{looked}\n"
-        "Provide it with --data-dir / load_mnist(data_dir=...) or $TFDS_DATA_DIR, or copy a "
-        "prepared tensorflow_datasets directory to <repo>/data/tensorflow_datasets "
-        '(on a machine with network: `python -c "import tensorflow_datasets as tfds; '
-        "tfds.data_source('mnist')\"` prepares ~/tensorflow_datasets)."
+        "Provide it with --data-dir / load_mnist(data_dir=...) or $TFDS_DATA_DIR, or run from "
+        f"a directory holding {DEFAULT_DATA_DIR}/mnist (a clone of the repository has it at "
+        "its root); on a machine with network, "
+        "`python -c \"import tensorflow_datasets as tfds; tfds.data_source('mnist')\"` "
+        "prepares ~/tensorflow_datasets."
     )
 
 
-def cache_dir() -> Path:
-    """Where decoded arrays are cached: ``$PRUNEJAX_CACHE_DIR``, else
-    ``$XDG_CACHE_HOME/prunejax``, else ``~/.cache/prunejax``."""
-    env = os.environ.get("PRUNEJAX_CACHE_DIR")
-    if env:
-        return Path(env).expanduser()
-    xdg = os.environ.get("XDG_CACHE_HOME")
-    base = Path(xdg).expanduser() if xdg else Path.home() / ".cache"
-    return base / "prunejax"
+# ----------------------------------------------------------------------------- decoding + cache
 
 
 def _source_key(data_dir: Path) -> str:
@@ -125,7 +124,18 @@ def _source_key(data_dir: Path) -> str:
     return h.hexdigest()[:16]
 
 
-def _decode(data_dir: Path) -> dict[str, np.ndarray]:
+def decode_mnist(data_dir: Path) -> dict[str, np.ndarray]:
+    """Decode both MNIST splits from a TFDS data directory with ``tfds.data_source``.
+
+    Args:
+      data_dir: the TFDS data directory (holding ``mnist/<version>/``).
+
+    Returns:
+      ``{"x_train", "y_train", "x_test", "y_test"}``: uint8 images ``(n, 784)``, int32 labels.
+
+    Raises:
+      FileNotFoundError: tensorflow-datasets could not open MNIST there.
+    """
     import tensorflow_datasets as tfds
 
     try:
@@ -152,21 +162,6 @@ def _decode(data_dir: Path) -> dict[str, np.ndarray]:
     return out
 
 
-def _atomic_savez(path: Path, arrays: dict[str, np.ndarray]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            np.savez(f, **arrays)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
 def _check(arrays: dict[str, np.ndarray], where: str) -> None:
     for split, n in _SPLIT_SIZES.items():
         x, y = arrays[f"x_{split}"], arrays[f"y_{split}"]
@@ -179,13 +174,34 @@ def _check(arrays: dict[str, np.ndarray], where: str) -> None:
             raise ValueError(f"MNIST {split} labels from {where} are outside 0..9")
 
 
+def _read_cache(cache_file: Path) -> dict[str, np.ndarray] | None:
+    if not cache_file.is_file():
+        return None
+    try:
+        with np.load(cache_file) as z:
+            arrays = {k: z[k] for k in z.files}
+        _check(arrays, str(cache_file))
+    except Exception:  # a damaged cache is rebuilt from the source
+        return None
+    return arrays
+
+
+def _write_cache(cache_file: Path, arrays: dict[str, np.ndarray]) -> None:
+    try:
+        with atomic_path(cache_file) as tmp, open(tmp, "wb") as f:
+            np.savez(f, **arrays)
+    except OSError:  # an unwritable cache directory is skipped
+        pass
+
+
 def load_mnist(data_dir: str | os.PathLike | None = None, *, cache: bool = True) -> MNIST:
     """Load MNIST (LeCun et al. 1998) as NumPy arrays, offline.
 
     Args:
       data_dir: TFDS data directory; see :func:`find_data_dir` for the default resolution.
-      cache: read/write the decoded arrays in :func:`cache_dir` (keyed by the source path and
-        its files' sizes and times).  An unwritable cache directory is skipped silently.
+      cache: read/write the decoded arrays in :func:`prunejax._util.cache_dir` (keyed by the
+        source path and its files' sizes and times).  An unwritable cache directory is skipped
+        silently.
 
     Returns:
       :class:`MNIST` with ``x_*`` float32 in ``[0, 1]`` of shape ``(n, 784)`` and ``y_*`` int32:
@@ -195,23 +211,13 @@ def load_mnist(data_dir: str | os.PathLike | None = None, *, cache: bool = True)
       FileNotFoundError: MNIST was not found (the message says where it looked).
     """
     src = find_data_dir(data_dir)
-    arrays: dict[str, np.ndarray] | None = None
     cache_file = cache_dir() / f"mnist-{_source_key(src)}.npz"
-    if cache and cache_file.is_file():
-        try:
-            with np.load(cache_file) as z:
-                arrays = {k: z[k] for k in z.files}
-            _check(arrays, str(cache_file))
-        except Exception:  # a damaged cache is rebuilt from the source
-            arrays = None
+    arrays = _read_cache(cache_file) if cache else None
     if arrays is None:
-        arrays = _decode(src)
+        arrays = decode_mnist(src)
         _check(arrays, str(src))
         if cache:
-            try:
-                _atomic_savez(cache_file, arrays)
-            except OSError:
-                pass
+            _write_cache(cache_file, arrays)
     return MNIST(
         x_train=arrays["x_train"].astype(np.float32) / 255.0,
         y_train=arrays["y_train"].astype(np.int32),
@@ -220,9 +226,42 @@ def load_mnist(data_dir: str | os.PathLike | None = None, *, cache: bool = True)
     )
 
 
+# ----------------------------------------------------------------------------- batching
+
+
 def num_batches(n: int, batch_size: int, *, drop_remainder: bool = True) -> int:
     """Number of batches :func:`batches` yields for ``n`` examples."""
     return n // batch_size if drop_remainder else -(-n // batch_size)
+
+
+def epoch_order(n: int, seed: int, epoch: int) -> np.ndarray:
+    """The shuffled example order of epoch ``epoch``: a permutation of ``range(n)`` that depends
+    only on ``(seed, epoch)`` (NumPy's default generator), so a resumed run sees the same batches.
+
+    Args:
+      n: number of examples.
+      seed: the run's seed.
+      epoch: the epoch index.
+
+    Returns:
+      An int array of shape ``(n,)``.
+    """
+    return np.random.default_rng([int(seed), int(epoch)]).permutation(n)
+
+
+def batch_indices(n: int, batch_size: int, seed: int, epoch: int) -> np.ndarray:
+    """The example indices of every full batch of an epoch, as :func:`batches` visits them.
+
+    Args:
+      n: number of examples.
+      batch_size: examples per batch.
+      seed, epoch: see :func:`epoch_order`.
+
+    Returns:
+      An int array of shape ``(n // batch_size, batch_size)`` (the remainder dropped).
+    """
+    nb = num_batches(n, batch_size)
+    return epoch_order(n, seed, epoch)[: nb * batch_size].reshape(nb, batch_size)
 
 
 def batches(
@@ -237,7 +276,8 @@ def batches(
 ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
     """Mini-batches of ``(x, y)``, shuffled with NumPy from ``(seed, epoch)``.
 
-    The order depends only on ``seed`` and ``epoch``, so a resumed run sees the same batches.
+    The order depends only on ``seed`` and ``epoch`` (:func:`epoch_order`), so a resumed run
+    sees the same batches.
 
     Args:
       x: inputs, first axis is the example axis.
@@ -257,54 +297,11 @@ def batches(
     n = len(x)
     if len(y) != n:
         raise ValueError(f"x has {n} examples but y has {len(y)}")
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int | np.integer):
-        raise TypeError(f"batch_size must be an int, got {type(batch_size).__name__}")
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    check_int(batch_size, name="batch_size", minimum=1)
     if batch_size > n:
         raise ValueError(f"batch_size ({batch_size}) is larger than the split ({n} examples)")
-    if seed is None:
-        order = np.arange(n)
-    else:
-        order = np.random.default_rng([int(seed), int(epoch)]).permutation(n)
+    order = np.arange(n) if seed is None else epoch_order(n, seed, epoch)
     nb = num_batches(n, batch_size, drop_remainder=drop_remainder)
     for b in range(start, nb):
         idx = order[b * batch_size : (b + 1) * batch_size]
         yield x[idx], y[idx]
-
-
-def random_shift(
-    x: np.ndarray,
-    rng: np.random.Generator,
-    *,
-    max_shift: int = 2,
-    image_shape: tuple[int, int] = (28, 28),
-) -> np.ndarray:
-    """Translate each flattened image by a random whole-pixel offset, filling with zeros.
-
-    The classic MNIST augmentation (small translations; e.g. Ciresan et al. 2010 use distortions
-    of this kind).
-
-    Args:
-      x: images of shape ``(batch, h * w)``.
-      rng: NumPy generator (so the shifts are reproducible).
-      max_shift: offsets are drawn uniformly from ``[-max_shift, max_shift]`` on each axis.
-      image_shape: ``(h, w)``.
-
-    Returns:
-      The shifted images, same shape and dtype as ``x``.
-    """
-    h, w = image_shape
-    if x.ndim != 2 or x.shape[1] != h * w:
-        raise ValueError(f"x must have shape (batch, {h * w}), got {x.shape}")
-    if max_shift < 0:
-        raise ValueError(f"max_shift must be >= 0, got {max_shift}")
-    if max_shift == 0:
-        return x
-    b, m = x.shape[0], int(max_shift)
-    padded = np.pad(x.reshape(b, h, w), ((0, 0), (m, m), (m, m)))
-    dy = rng.integers(0, 2 * m + 1, size=b)
-    dx = rng.integers(0, 2 * m + 1, size=b)
-    rows = (dy[:, None] + np.arange(h)[None, :])[:, :, None]
-    cols = (dx[:, None] + np.arange(w)[None, :])[:, None, :]
-    return padded[np.arange(b)[:, None, None], rows, cols].reshape(b, h * w)
