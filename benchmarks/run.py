@@ -79,7 +79,9 @@ def run_model(model: str, opts: argparse.Namespace, log, notes: list[str]) -> li
     dims = wl.MODELS[model]
     params = wl.init_params(dims, opts.seed)
     wl.check_dense_layout(params, dims)
-    grans = opts.granularities or wl.MODEL_DEFAULT_GRANULARITIES.get(model, wl.GRANULARITIES)
+    grans = opts.granularities
+    if grans is None:
+        grans = wl.MODEL_DEFAULT_GRANULARITIES.get(model, wl.GRANULARITIES)
     rng = np.random.default_rng(opts.seed + 7)
     xs = {b: rng.standard_normal((b, dims[0]), dtype=np.float32) for b in opts.batches}
     rows: list[dict] = []
@@ -90,10 +92,11 @@ def run_model(model: str, opts: argparse.Namespace, log, notes: list[str]) -> li
             try:
                 masks = wl.build_masks(params, gran, s)
             except (ValueError, TypeError) as e:
-                where = f"{model} {gran}" if "divisible" in str(e) else f"{model} {gran} {label}"
-                notes.append(f"{where}: skipped, masks not built ({e})")
-                log(f"  {where}: skipped, masks not built: {e}")
-                if "divisible" in str(e):  # a shape problem: same at every sparsity
+                shape = "divisible" in str(e)  # a shape problem: same at every sparsity
+                what = f"{model} {gran}: skipped," if shape else f"{model} {gran} {label}:"
+                notes.append(f"{what} masks not built ({e})")
+                log(f"  {what} masks not built: {e}")
+                if shape:
                     break
                 continue
             log(f"  {model} {gran} {label}: masks in {time.perf_counter() - t_m:.1f}s")
@@ -285,7 +288,8 @@ def _output_args(p: argparse.ArgumentParser) -> None:
 def _check_and_default(p: argparse.ArgumentParser, opts: argparse.Namespace) -> None:
     """Reject unknown names and bad counts; fill the defaults (smaller ones with ``--quick``)."""
     q = opts.quick
-    opts.models = opts.models or ["lenet", "wide"]
+    if opts.models is None:
+        opts.models = ["lenet", "wide"]
     for m in opts.models:
         if m not in wl.MODELS:
             p.error(f"unknown model {m!r} (choose from {sorted(wl.MODELS)})")

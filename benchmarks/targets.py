@@ -32,77 +32,44 @@ class Target:
     detail: str = ""
 
 
-def _sel(**kw: Any) -> dict:
-    return kw
+CELL_FIELDS = ("model", "granularity", "sparsity", "batch")
+
+
+def cell(spec: str) -> dict:
+    """A one-cell selection from ``"model/granularity/sparsity/batch"`` (``"wide/unit/50%/1"``)."""
+    values = spec.split("/")
+    return dict(zip(CELL_FIELDS, [*values[:-1], int(values[-1])], strict=True))
+
+
+def best_in(name: str, goal: float, spec: str) -> Target:
+    """A ``"best"`` target: the best prunejax format of one cell (``cell(spec)``) >= ``goal``."""
+    return Target(name, "best", goal, cell(spec))
 
 
 TRAIN_DETAIL = "{masked_ms:.2f} ms vs {dense_ms:.2f} ms"
+BCOO_NAME = "BCOO ({format}) reported honestly, with its crossover sparsity"
+UNITS_NAME = "wide 50% units removed (compact), every batch >= 0.9 x FLOP ratio"
 AUTO_NAME = 'format="auto" never > 5% slower than dense (every cell >= 0.95x)'
+WIDE_UNITS = {"model": "wide", "granularity": "unit", "sparsity": "50%", "format": "compact"}
 
 TARGETS: tuple[Target, ...] = (
-    # "best": the best prunejax format of the cell (else the best non-reference one).
-    Target(
-        "wide 90% unstructured, batch 1 >= 3x",
-        "best",
-        3.0,
-        _sel(model="wide", granularity="unstructured", sparsity="90%", batch=1),
-    ),
-    Target(
-        "wide 90% unstructured, batch 256 >= 1.5x",
-        "best",
-        1.5,
-        _sel(model="wide", granularity="unstructured", sparsity="90%", batch=256),
-    ),
-    Target(
-        "wide 90% 16x16 blocks, batch 1 >= 8x",
-        "best",
-        8.0,
-        _sel(model="wide", granularity="block16", sparsity="90%", batch=1),
-    ),
-    Target(
-        "wide 90% 16x16 blocks, batch 256 >= 5x",
-        "best",
-        5.0,
-        _sel(model="wide", granularity="block16", sparsity="90%", batch=256),
-    ),
-    # "compact": the worst fraction of the FLOP-ratio bound over the batches.
-    Target(
-        "wide 50% units removed (compact), every batch >= 0.9 x FLOP ratio",
-        "compact",
-        0.9,
-        _sel(model="wide", granularity="unit", sparsity="50%", format="compact"),
-    ),
-    Target(
-        "LeNet at Han's 8/9/26% density, batch 1 >= 1.5x",
-        "best",
-        1.5,
-        _sel(model="lenet", granularity="unstructured", sparsity="han", batch=1),
-    ),
-    Target(
-        "LeNet at Han's 8/9/26% density, batch 256 >= 1.5x",
-        "best",
-        1.5,
-        _sel(model="lenet", granularity="unstructured", sparsity="han", batch=256),
-    ),
-    # "crossover": reported, not judged (listed only when the format ran).
-    Target(
-        "BCOO ({format}) reported honestly, with its crossover sparsity",
-        "crossover",
-        None,
-        _sel(format="jsp.bcoo", granularity="unstructured"),
-    ),
-    Target(
-        "BCOO ({format}) reported honestly, with its crossover sparsity",
-        "crossover",
-        None,
-        _sel(format="pj.bcoo", granularity="unstructured"),
-    ),
-    # "train": one verdict per training-step row of the run.
+    best_in("wide 90% unstructured, batch 1 >= 3x", 3.0, "wide/unstructured/90%/1"),
+    best_in("wide 90% unstructured, batch 256 >= 1.5x", 1.5, "wide/unstructured/90%/256"),
+    best_in("wide 90% 16x16 blocks, batch 1 >= 8x", 8.0, "wide/block16/90%/1"),
+    best_in("wide 90% 16x16 blocks, batch 256 >= 5x", 5.0, "wide/block16/90%/256"),
+    # The worst fraction of the FLOP-ratio bound over the batches.
+    Target(UNITS_NAME, "compact", 0.9, WIDE_UNITS),
+    best_in("LeNet at Han's 8/9/26% density, batch 1 >= 1.5x", 1.5, "lenet/unstructured/han/1"),
+    best_in("LeNet at Han's 8/9/26% density, batch 256 >= 1.5x", 1.5, "lenet/unstructured/han/256"),
+    # Reported, not judged (listed only when the format ran).
+    Target(BCOO_NAME, "crossover", None, {"format": "jsp.bcoo", "granularity": "unstructured"}),
+    Target(BCOO_NAME, "crossover", None, {"format": "pj.bcoo", "granularity": "unstructured"}),
+    # One verdict per training-step row of the run.
     Target(
         "masked train step <= 1.10x dense ({model}, batch {batch})",
         "train",
         1.10,
-        _sel(devices=1),
+        {"devices": 1},
         "<=",
         TRAIN_DETAIL + " ({masked_source})",
     ),
@@ -110,12 +77,12 @@ TARGETS: tuple[Target, ...] = (
         "masked train step <= 1.10x dense, 2 devices ({model})",
         "train",
         1.10,
-        _sel(devices=2),
+        {"devices": 2},
         "<=",
         TRAIN_DETAIL,
     ),
-    # "auto": the worst pj.auto cell that does not run the baseline's own computation.
-    Target(AUTO_NAME, "auto", 0.95, _sel(format="pj.auto")),
+    # The worst pj.auto cell that does not run the baseline's own computation.
+    Target(AUTO_NAME, "auto", 0.95, {"format": "pj.auto"}),
 )
 
 
@@ -188,7 +155,7 @@ def _compact_detail(cells: list[dict], r: dict) -> str:
     txt = f"b={b}: compact {r['ratio']:.2f}x of {r['bound']:.2f}x ({r['frac_bound']:.2f})"
     same_cell = {k: r[k] for k in ("model", "granularity", "sparsity", "batch")}
     ca = measured(select(cells, **same_cell, format="compact.auto"))
-    unpruned = _sel(model=model, granularity="unstructured", sparsity="0%", batch=b)
+    unpruned = {"model": model, "granularity": "unstructured", "sparsity": "0%", "batch": b}
     lay = measured(select(cells, **unpruned, format="pj.dense_t"))
     if ca:
         txt += f"; compact.auto {ca[0]['ratio']:.2f}x ({ca[0]['note'].split('; build')[0]})"
