@@ -1,4 +1,5 @@
-"""Smoke test of the benchmark harness (benchmarks/run.py) at toy sizes; no timing assertions."""
+"""Smoke test of the benchmark suite (``python -m benchmarks.run``) at toy sizes; no timing
+assertions."""
 
 from __future__ import annotations
 
@@ -6,18 +7,15 @@ import json
 
 import numpy as np
 import pytest
-from conftest import load_script
+
+import prunejax as pj
+from benchmarks import formats, run, targets, workload
 
 
 @pytest.fixture(scope="module")
-def bench():
-    yield from load_script("prunejax_benchmarks_run", "benchmarks/run.py")
-
-
-@pytest.fixture(scope="module")
-def toy_run(bench, tmp_path_factory):
+def toy_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("bench")
-    res = bench.main(
+    res = run.main(
         [
             "--models",
             "toy",
@@ -99,63 +97,60 @@ def test_training_step_keeps_pruned_weights_zero(toy_run):
     assert t["ratio"] > 0
 
 
-def test_harness_compaction_matches_masked_dense(bench):
+def test_compaction_matches_masked_dense():
     dims = (32, 16, 16, 8)
-    params = bench.init_params(dims, 0)
-    masks, _ = bench.build_masks(params, "unit", 0.5)
-    pruned = bench.apply_masks_np(params, masks)
-    small = bench.harness_compact(pruned, masks)
+    params = workload.init_params(dims, 0)
+    masks = workload.build_masks(params, "unit", 0.5)
+    pruned = pj.apply_masks(params, masks)
+    small = formats.compact_params(pruned)
     assert small["Dense_0"]["kernel"].shape == (32, 8)
     assert small["Dense_2"]["kernel"].shape == (8, 8)
     x = np.random.default_rng(0).standard_normal((5, 32), dtype=np.float32)
     np.testing.assert_allclose(
-        np.asarray(bench.dense_forward(small, x)),
-        np.asarray(bench.dense_forward(pruned, x)),
+        np.asarray(workload.dense_forward(small, x)),
+        np.asarray(workload.dense_forward(pruned, x)),
         rtol=1e-5,
         atol=1e-5,
     )
 
 
-def test_dense_baseline_layout_check(bench):
-    params = bench.init_params((8, 4), 0)
-    bench.check_dense_layout(params, (8, 4))
+def test_dense_baseline_layout_check():
+    params = workload.init_params((8, 4), 0)
+    workload.check_dense_layout(params, (8, 4))
     params["Dense_0"]["kernel"] = np.ascontiguousarray(params["Dense_0"]["kernel"].T)
     with pytest.raises(AssertionError, match="in, out"):
-        bench.check_dense_layout(params, (8, 4))
+        workload.check_dense_layout(params, (8, 4))
 
 
-def test_bad_arguments_are_rejected(bench):
+def test_bad_arguments_are_rejected():
     with pytest.raises(SystemExit):
-        bench.parse_args(["--models", "resnet"])
+        run.parse_args(["--models", "resnet"])
     with pytest.raises(SystemExit):
-        bench.parse_args(["--sparsities", "150"])
+        run.parse_args(["--sparsities", "150"])
 
 
-def test_ranked_magnitude_masks_equal_prunejax_masks(bench):
+def test_unstructured_masks_equal_prunejax_masks():
     from prunejax.masks import magnitude_masks
 
-    params = bench.init_params((40, 24, 10), 3)
+    params = workload.init_params((40, 24, 10), 3)
     params["Dense_0"]["kernel"][0, :6] = 0.5  # ties: broken by flat index in both
-    cache: dict = {}
     for s in (0.0, 0.5, 0.9, 0.99, {"Dense_0": 0.92, "Dense_1": 0.74}):
-        ours = bench.magnitude_masks_ranked(params, s, cache)
+        ours = workload.build_masks(params, "unstructured", s)
         ref = magnitude_masks(params, s, scope="layer")
         for name in params:
             np.testing.assert_array_equal(ours[name]["kernel"], np.asarray(ref[name]["kernel"]))
             np.testing.assert_array_equal(ours[name]["bias"], np.asarray(ref[name]["bias"]))
 
 
-def test_rerender_from_json(bench, toy_run, tmp_path):
+def test_rerender_from_json(toy_run, tmp_path):
     _, out = toy_run
-    res = bench.main(
-        ["--from-json", str(out / "results.json"), "--out", str(tmp_path), "--no-plots"]
-    )
+    res = run.main(["--from-json", str(out / "results.json"), "--out", str(tmp_path), "--no-plots"])
     md = (tmp_path / "RESULTS.md").read_text()
     assert "## Targets" in md and "toy" in md
     assert len(res["cells"]) == len(json.loads((out / "results.json").read_text())["cells"])
 
 
-def test_auto_target_judges_only_cells_that_differ_from_the_baseline(bench):
+def test_auto_target_judges_only_cells_that_differ_from_the_baseline():
     def cell(ratio, note, sparsity="50%"):
         return {
             "model": "lenet",
@@ -167,13 +162,13 @@ def test_auto_target_judges_only_cells_that_differ_from_the_baseline(bench):
             "note": note,
         }
 
-    assert bench._auto_is_baseline(cell(0.9, "chose dense/dense/dense; build 0.00s"))
-    assert not bench._auto_is_baseline(cell(0.9, "chose csr/dense/dense; build 0.00s"))
-    assert not bench._auto_is_baseline(cell(0.9, "chose dense_t/dense_t/dense_t"))
-    assert not bench._auto_is_baseline(cell(0.9, ""))
+    assert targets.auto_is_baseline(cell(0.9, "chose dense/dense/dense; build 0.00s"))
+    assert not targets.auto_is_baseline(cell(0.9, "chose csr/dense/dense; build 0.00s"))
+    assert not targets.auto_is_baseline(cell(0.9, "chose dense_t/dense_t/dense_t"))
+    assert not targets.auto_is_baseline(cell(0.9, ""))
 
     def auto_target(cells):
-        (t,) = [t for t in bench.compute_targets({"cells": cells}) if "auto" in t["target"]]
+        (t,) = [t for t in targets.compute_targets({"cells": cells}) if "auto" in t["target"]]
         return t
 
     same = cell(0.91, "chose dense/dense/dense; build 0.00s")
