@@ -12,7 +12,7 @@ Formats (``FORMATS``):
     the dense kernel stored transposed, ``(out, in)``: a layout, not a sparse form.  At batch 1
     on CPU it runs a compiled row-dot kernel that streams ``W`` once (faster than XLA's batch-1
     dot on ``(in, out)``: LeNet-300-100 ~3x, 4096-wide layers ~1.3x); at other batches and
-    elsewhere XLA's dot with the transposed operand.  ``"auto"`` uses it for layers
+    elsewhere XLA's dot with the transposed operand.  ``"auto"`` uses it for layer kernels
     that stay dense at batch 1; it is also the fastest way to run compacted layers at batch 1.
 ``"bcoo"``, ``"bcsr"``
     ``jax.experimental.sparse`` matrices of ``W`` (int32 indices, sorted).  Reference forms: on
@@ -44,9 +44,12 @@ Formats (``FORMATS``):
     batch 1 with the compiled CPU kernels a layer kernel that stays dense is ``"dense_t"``
     (faster than XLA's batch-1 dot), elsewhere the plain array.
 
-Every prunejax kernel object has ``shape``, ``dtype``, ``nnz`` (nonzeros), ``nse`` (stored
-entries, padding included), ``nbytes``, ``format``, ``todense()`` and ``__rmatmul__``; it is a
-registered pytree whose arrays are its children, so it passes through ``jax.jit`` as an argument.
+Every prunejax kernel object (``"dense_t"``, ``"csr"``, ``"bcsr_t"``, ``"ell"``, ``"block"``,
+``"nm"``) has ``shape``, ``dtype``, ``nnz`` (nonzeros), ``nse`` (stored entries, padding
+included), ``nbytes``, ``format``, ``todense()`` and ``__rmatmul__``; ``"bcoo"`` and ``"bcsr"``
+are ``jax.experimental.sparse`` matrices (``shape``, ``dtype``, ``nse``, ``todense()``, ``x @ W``).
+All are registered pytrees whose arrays are their children, so they pass through ``jax.jit`` as
+arguments.
 ``format_of`` / ``formats_of`` report the format of a leaf / of every kernel of a tree.
 
 Kernel objects are for inference, and their sparsity pattern is fixed when they are built.

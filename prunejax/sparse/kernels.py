@@ -3,9 +3,10 @@
 Each class stores a kernel ``W`` of shape ``(in, out)`` in its own layout and implements
 ``x @ W`` (``__rmatmul__``) for ``x`` of shape ``(..., in)``, inside and outside ``jax.jit``:
 with the compiled CPU kernels of :mod:`prunejax.sparse.ffi` where they apply (fp32, lowering
-for CPU, kernels available) and with pure JAX otherwise.  Each has ``shape``, ``dtype``,
-``nnz``, ``nse``, ``nbytes``, ``format``, ``todense()`` and a ``fromdense`` constructor; its
-arrays are its pytree children, its metadata (shape, counts) static.
+for CPU, kernels available) and with pure JAX otherwise.  Each class but ``BCSRKernel`` (a
+``jax.experimental.sparse.BCSR`` that adds ``x @ W``) has ``shape``, ``dtype``, ``nnz``,
+``nse``, ``nbytes``, ``format``, ``todense()`` and a ``fromdense`` constructor; its arrays are
+its pytree children, its metadata (shape, counts) static.
 """
 
 from __future__ import annotations
