@@ -188,7 +188,14 @@ def _auto_choice(
 
 
 def dense_fallback(batch_size: int) -> str:
-    """What "auto" runs a layer kernel it keeps dense as: ``"dense_t"`` or ``"dense"``."""
+    """What "auto" runs a layer kernel it keeps dense as.
+
+    Args:
+      batch_size: the inference batch size.
+
+    Returns:
+      ``"dense_t"`` up to ``DENSE_T_MAX_BATCH`` with the compiled CPU kernels, else ``"dense"``.
+    """
     # At batch 1 "auto" runs the layer kernels it keeps dense as "dense_t" (compiled row-dot
     # kernel) rather than XLA's dot.  Measured on LeNet-300-100 at 90% (2-core EPYC, jax 0.10):
     # all XLA dense ~69 µs, csr then XLA dense ~31 µs, csr then dense_t ~22 µs; compacted

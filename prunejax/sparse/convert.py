@@ -38,7 +38,15 @@ FORMATS = ("auto", "dense", "dense_t", "bcoo", "bcsr", "csr", "bcsr_t", "ell", "
 
 
 def format_of(leaf: Any) -> str:
-    """The format of one leaf: ``"dense"`` for arrays, else the kernel object's format name."""
+    """The format of one leaf.
+
+    Args:
+      leaf: an array or a kernel object.
+
+    Returns:
+      ``"dense"`` for arrays, ``"bcoo"``/``"bcsr"`` for ``jax.experimental.sparse`` matrices,
+      else the kernel object's ``format``.
+    """
     if isinstance(leaf, jsparse.BCOO):
         return "bcoo"
     if isinstance(leaf, jsparse.BCSR):
@@ -49,7 +57,14 @@ def format_of(leaf: Any) -> str:
 
 
 def formats_of(params: PyTree) -> dict[str, str]:
-    """``{path: format}`` for every kernel of ``params`` (2-D arrays and kernel objects)."""
+    """The format of every kernel of ``params`` (2-D arrays and kernel objects).
+
+    Args:
+      params: a pytree, possibly sparsified.
+
+    Returns:
+      ``{path: format}`` (see :func:`format_of`), in ``params``' leaf order.
+    """
     paths, leaves, _ = flatten(params)
     return {
         p: format_of(leaf)

@@ -171,7 +171,12 @@ def available() -> bool:
 
 
 def build_error() -> str | None:
-    """Why the compiled kernels are unavailable (``None`` if they are, or were not tried)."""
+    """Why the compiled kernels are unavailable.
+
+    Returns:
+      The error of the failed build or registration, or ``None`` if they are available or were
+      not tried yet.
+    """
     return _state["error"]
 
 
