@@ -8,10 +8,10 @@ import numpy as np
 import pytest
 from jax.experimental import sparse as jsparse
 
-from prunejax import _kernels_cpu
 from prunejax import sparse as sp
 from prunejax.masks import apply_masks, block_masks, magnitude_masks, nm_masks
 from prunejax.models import mlp_apply
+from prunejax.sparse import ffi
 
 FIXED_FORMATS = ["dense", "dense_t", "bcoo", "bcsr", "csr", "bcsr_t", "ell", "block", "nm"]
 BATCHES = [(1,), (), (5,), (37,)]  # () is a 1-D x; 37 is no multiple of any tile or block
@@ -72,8 +72,8 @@ def kernel_path(request, monkeypatch):
 def use_path(path: str, monkeypatch) -> str:
     if path == "pure":
         monkeypatch.setenv("PRUNEJAX_DISABLE_FFI", "1")
-    elif not _kernels_cpu.available():
-        pytest.skip(f"compiled kernels unavailable: {_kernels_cpu.build_error()}")
+    elif not ffi.available():
+        pytest.skip(f"compiled kernels unavailable: {ffi.build_error()}")
     return path
 
 
@@ -267,7 +267,7 @@ def test_auto_dense_kernel_small_batch_compiled_is_dense_t(monkeypatch):
 
 
 def test_auto_picks_sparse_for_very_sparse_wide_layer():
-    if not _kernels_cpu.available() or jax.default_backend() != "cpu":
+    if not ffi.available() or jax.default_backend() != "cpu":
         pytest.skip("the cost model's sparse wins are for CPU with the compiled kernels")
     rng = np.random.default_rng(10)
     w = rng.standard_normal((2048, 2048)).astype(np.float32)
@@ -348,11 +348,11 @@ def test_resparsify_and_jax_sparse_leaves():
 
 
 def test_no_compiler_falls_back_to_pure_jax(monkeypatch):
-    monkeypatch.setattr(_kernels_cpu, "_state", {"loaded": None, "error": None})
-    monkeypatch.setattr(_kernels_cpu, "_compiler", lambda: None)
+    monkeypatch.setattr(ffi, "_state", {"loaded": None, "error": None})
+    monkeypatch.setattr(ffi, "find_compiler", lambda: None)
     monkeypatch.delenv("PRUNEJAX_DISABLE_FFI", raising=False)
-    assert not _kernels_cpu.available()
-    assert "no C++ compiler" in _kernels_cpu.build_error()
+    assert not ffi.available()
+    assert "no C++ compiler" in ffi.build_error()
     rng = np.random.default_rng(12)
     w = block_kernel(rng, 32, 32)
     x = rng.standard_normal((3, 32)).astype(np.float32)
@@ -389,7 +389,7 @@ def test_csr_int32_indices_for_wide_inputs():
 
 def dense_choice(batch: int) -> str:
     """What "auto" runs a layer it keeps dense as: the row-dot layout at batch 1 on CPU."""
-    return "dense_t" if batch == 1 and _kernels_cpu.available() else "dense"
+    return "dense_t" if batch == 1 and ffi.available() else "dense"
 
 
 def test_auto_keeps_tiny_and_near_dense_layers_dense(kernel_path):
@@ -430,7 +430,7 @@ def test_dense_rows_kernel_every_batch(batch, monkeypatch):
     for n_in, n_out in ((784, 300), (17, 3), (1, 1), (4096, 33), (65, 1), (0, 4), (5, 0)):
         x = rng.standard_normal((batch, n_in)).astype(np.float32)
         wt = rng.standard_normal((n_out, n_in)).astype(np.float32)
-        y = jax.jit(_kernels_cpu.dense_rows_matmul)(jnp.asarray(x), jnp.asarray(wt))
+        y = jax.jit(ffi.dense_rows_matmul)(jnp.asarray(x), jnp.asarray(wt))
         assert rel_err(y, x.astype(np.float64) @ wt.T.astype(np.float64)) < 1e-5, (n_in, n_out)
 
 

@@ -1,57 +1,7 @@
-"""Compiled CPU kernels for sparse ``x @ W`` (XLA FFI custom calls), built on first use.
+// prunejax CPU kernel cores (declared in kernels.h): CSR (rows = output units), dense rows and
+// block-sparse x @ W in fp32.  Plain functions on raw pointers; ffi_bindings.cc binds them to XLA.
+#include "kernels.h"
 
-The C++ source below is compiled with the machine's C++ compiler (``$CXX`` or ``g++``/``c++``,
-``-O3 -march=native``) into a cache directory (``$PRUNEJAX_CACHE_DIR`` or
-``~/.cache/prunejax``), keyed by a hash of the source, the flags and the JAX FFI headers.  It is
-registered as XLA FFI targets, so the kernels run inside ``jax.jit`` like any other op.  When no
-compiler is present, the build fails, or ``PRUNEJAX_DISABLE_FFI=1`` is set, :func:`available`
-returns ``False`` and :mod:`prunejax.sparse` uses its pure-JAX paths instead.
-
-Kernels (fp32, ``y = x @ W`` with ``x`` of shape ``(batch, in)``):
-
-* ``csr``: ``W`` stored as CSR of ``W.T`` (one row per output unit, uint16 or int32 column
-  indices).  Batch < 8: one gather-dot per output and batch row (8 independent sums); bound by
-  load issue (~1.5 cycles per nonzero) and by streaming the ~6 bytes per nonzero.  Batch >= 8:
-  ``x`` is transposed into 64-byte aligned tiles of 16 (batch < 32) or 32 batch rows, so every
-  nonzero is one or two 16-wide FMAs on a contiguous row of the tile; bound by the L2 -> core
-  bandwidth of those random tile rows (~3.5 cycles per 64 bytes), with W streamed once per
-  tile from cache-sized chunks of rows.
-* ``dense_rows``: a dense ``W`` stored transposed, ``(out, in)``, for batch 1: one contiguous
-  dot product per output (each loaded ``W`` vector serves up to 4 batch rows), so ``W`` streams
-  once front to back; bound by those 4 bytes per weight.  XLA's own batch-1 ``x @ W`` on an
-  ``(in, out)`` kernel reaches ~25-35 GB/s here; this form is 1.1-1.3x faster on 4096-wide
-  layers and ~3x on LeNet-sized ones (see ``benchmarks/RESULTS.md``).
-* ``block``: ``W`` stored as dense ``(bh, bw)`` blocks grouped by block column; each thread owns
-  whole block columns of ``y`` (no scatter).  For ``bw`` of 16/32 the block's rows sit in
-  AVX-512 registers and 8 batch rows are accumulated at once (dense inner loops: ~60-70% of
-  the dense matmul's FLOP rate at large batch; bound by streaming the block bytes at batch 1).
-  From batch 16 on, ``x`` is first re-laid out block row by block row so the rows one block
-  multiplies are contiguous.
-
-Work is split over XLA's own intra-op thread pool (FFI ``ThreadPool`` context), in dynamically
-assigned chunks, so the kernels use the cores XLA's dense matmul uses and never oversubscribe.
-"""
-
-from __future__ import annotations
-
-import ctypes
-import hashlib
-import os
-import shutil
-import subprocess
-import sys
-import tempfile
-import threading
-from typing import Any
-
-import jax
-import jax.numpy as jnp
-import numpy as np
-
-__all__ = ["available", "block_matmul", "csr_matmul", "dense_rows_matmul", "build_error"]
-
-_SOURCE = r"""
-// prunejax CPU kernels: CSR (rows = output units) and block-sparse x @ W.
 #include <algorithm>
 #include <cstdint>
 #include <cstring>
@@ -68,13 +18,11 @@ _SOURCE = r"""
 #if defined(__linux__)
 #include <sys/mman.h>
 #endif
-#include "xla/ffi/api/ffi.h"
 
-namespace ffi = xla::ffi;
-
+namespace prunejax {
 namespace {
 
-// Run fn(0..n-1) on XLA's intra-op thread pool plus the calling thread.  Chunks are handed out
+// Run fn(0..n-1) on the pool's threads plus the calling thread.  Chunks are handed out
 // dynamically, so a descheduled pool thread delays nothing: the caller finishes the work and
 // tasks that start late find no chunk left (the shared state outlives the call).
 struct Work {
@@ -92,7 +40,7 @@ inline void drain(Work* w) {
 }
 
 template <typename F>
-void parallel_for(ffi::ThreadPool& pool, int64_t n, F&& fn) {
+void parallel_for(Pool& pool, int64_t n, F&& fn) {
   if (n <= 0) return;
   const int64_t helpers = std::min<int64_t>(std::max<int64_t>(pool.num_threads(), 1), n) - 1;
   if (helpers <= 0) {
@@ -102,7 +50,7 @@ void parallel_for(ffi::ThreadPool& pool, int64_t n, F&& fn) {
   auto w = std::make_shared<Work>();
   w->n = n;
   w->fn = std::forward<F>(fn);
-  for (int64_t h = 0; h < helpers; ++h) pool.Schedule([w] { drain(w.get()); });
+  for (int64_t h = 0; h < helpers; ++h) pool.schedule([w] { drain(w.get()); });
   drain(w.get());
   for (int spin = 0; w->done.load(std::memory_order_acquire) < n; ++spin) {
     if (spin > 64) std::this_thread::yield();
@@ -140,7 +88,7 @@ inline float* scratch(size_t n) {
   return s.get(n);
 }
 
-inline int64_t num_threads(ffi::ThreadPool& pool) {
+inline int64_t num_threads(Pool& pool) {
   return std::max<int64_t>(pool.num_threads(), 1);
 }
 
@@ -148,13 +96,13 @@ inline int64_t num_threads(ffi::ThreadPool& pool) {
 // costs more than it saves.
 constexpr int64_t kSerialWork = int64_t(1) << 17;
 
-inline int64_t threads_for(ffi::ThreadPool& pool, int64_t work) {
+inline int64_t threads_for(Pool& pool, int64_t work) {
   return work < kSerialWork ? 1 : num_threads(pool);
 }
 
 // How many chunks to split n_out rows into: one (the calling thread alone, no pool thread
 // woken) below kSerialWork, else 4 per thread for load balance.
-inline int64_t split_parts(ffi::ThreadPool& pool, int64_t work, int64_t n_out) {
+inline int64_t split_parts(Pool& pool, int64_t work, int64_t n_out) {
   const int64_t nt = threads_for(pool, work);
   return nt == 1 ? 1 : std::min<int64_t>(4 * nt, std::max<int64_t>(n_out, 1));
 }
@@ -188,8 +136,8 @@ inline float dot_gather(const float* x, const I* idx, const float* val, int64_t 
 }
 
 template <typename I>
-void csr_small(ffi::ThreadPool& pool, const float* x, const int32_t* ptr, const I* idx,
-               const float* val, float* y, int64_t batch, int64_t n_in, int64_t n_out) {
+void csr_small(Pool& pool, const float* x, const int32_t* ptr, const I* idx, const float* val,
+               float* y, int64_t batch, int64_t n_in, int64_t n_out) {
   std::vector<int64_t> cuts;
   const int64_t work = batch * (ptr[n_out] - ptr[0]);
   const int64_t parts = split_parts(pool, work, n_out);
@@ -208,8 +156,8 @@ void csr_small(ffi::ThreadPool& pool, const float* x, const int32_t* ptr, const 
 // xt holds x transposed in tiles of T batch rows: xt[tile][i][l] = x[tile*T + l][i], 64-byte
 // aligned, so each nonzero is T/16 aligned 16-wide loads and FMAs.
 template <int T, typename I>
-void csr_tiled(ffi::ThreadPool& pool, const float* x, const int32_t* ptr, const I* idx,
-               const float* val, float* y, int64_t batch, int64_t n_in, int64_t n_out) {
+void csr_tiled(Pool& pool, const float* x, const int32_t* ptr, const I* idx, const float* val,
+               float* y, int64_t batch, int64_t n_in, int64_t n_out) {
   const int64_t tiles = (batch + T - 1) / T;
   std::vector<float> fallback;
   float* xt = scratch(static_cast<size_t>(tiles * n_in * T));
@@ -293,7 +241,7 @@ void csr_tiled(ffi::ThreadPool& pool, const float* x, const int32_t* ptr, const 
 }
 
 template <typename I>
-void csr_dispatch(ffi::ThreadPool& pool, const float* x, const int32_t* ptr, const I* idx,
+void csr_dispatch(Pool& pool, const float* x, const int32_t* ptr, const I* idx,
                   const float* val, float* y, int64_t batch, int64_t n_in, int64_t n_out,
                   int64_t tiled_from) {
   if (batch >= 32) {
@@ -305,28 +253,21 @@ void csr_dispatch(ffi::ThreadPool& pool, const float* x, const int32_t* ptr, con
   }
 }
 
-ffi::Error CsrMatmulImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::S32> ptr,
-                         ffi::AnyBuffer idx, ffi::Buffer<ffi::F32> val,
-                         ffi::ResultBuffer<ffi::F32> y,
-                         int64_t tiled_from) {
-  const auto xd = x.dimensions();
-  if (xd.size() != 2) return ffi::Error::InvalidArgument("x must be 2-D");
-  const int64_t batch = xd[0], n_in = xd[1];
-  const int64_t n_out = ptr.element_count() - 1;
-  const float* xp = x.typed_data();
-  float* yp = y->typed_data();
-  const int32_t* pp = ptr.typed_data();
-  if (idx.element_type() == ffi::DataType::U16) {
-    csr_dispatch(pool, xp, pp, reinterpret_cast<const uint16_t*>(idx.untyped_data()),
-                 val.typed_data(), yp, batch, n_in, n_out, tiled_from);
-  } else if (idx.element_type() == ffi::DataType::S32) {
-    csr_dispatch(pool, xp, pp, reinterpret_cast<const int32_t*>(idx.untyped_data()),
-                 val.typed_data(), yp, batch, n_in, n_out, tiled_from);
-  } else {
-    return ffi::Error::InvalidArgument("indices must be uint16 or int32");
-  }
-  return ffi::Error::Success();
+}  // namespace
+
+void csr_matmul(Pool& pool, const float* x, const int32_t* ptr, const uint16_t* idx,
+                const float* val, float* y, int64_t batch, int64_t n_in, int64_t n_out,
+                int64_t tiled_from) {
+  csr_dispatch(pool, x, ptr, idx, val, y, batch, n_in, n_out, tiled_from);
 }
+
+void csr_matmul(Pool& pool, const float* x, const int32_t* ptr, const int32_t* idx,
+                const float* val, float* y, int64_t batch, int64_t n_in, int64_t n_out,
+                int64_t tiled_from) {
+  csr_dispatch(pool, x, ptr, idx, val, y, batch, n_in, n_out, tiled_from);
+}
+
+namespace {
 
 // ---------------------------------------------------------------- dense rows, small batch
 // W stored transposed, (n_out, n_in) row-major: every output is one contiguous dot product, so
@@ -376,8 +317,10 @@ inline void dense_rows_dot(const float* x, int64_t n_in, const float* w, float* 
 #endif
 }
 
-void dense_rows(ffi::ThreadPool& pool, const float* x, const float* wt, float* y, int64_t batch,
-                int64_t n_in, int64_t n_out) {
+}  // namespace
+
+void dense_rows_matmul(Pool& pool, const float* x, const float* wt, float* y, int64_t batch,
+                       int64_t n_in, int64_t n_out) {
   const int64_t parts = split_parts(pool, batch * n_in * n_out, n_out);
   const int64_t per = (n_out + parts - 1) / std::max<int64_t>(parts, 1);
   parallel_for(pool, parts, [&](int64_t p) {
@@ -394,15 +337,7 @@ void dense_rows(ffi::ThreadPool& pool, const float* x, const float* wt, float* y
   });
 }
 
-ffi::Error DenseRowsMatmulImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
-                               ffi::Buffer<ffi::F32> wt, ffi::ResultBuffer<ffi::F32> y) {
-  const auto xd = x.dimensions();
-  const auto wd = wt.dimensions();
-  if (xd.size() != 2 || wd.size() != 2 || xd[1] != wd[1])
-    return ffi::Error::InvalidArgument("x must be (batch, in) and wt (out, in)");
-  dense_rows(pool, x.typed_data(), wt.typed_data(), y->typed_data(), xd[0], xd[1], wd[0]);
-  return ffi::Error::Success();
-}
+namespace {
 
 // ---------------------------------------------------------------- block-sparse
 // Blocks of W (in, out) grouped by block column jb: blocks[p] is (bh, bw) row-major,
@@ -482,9 +417,9 @@ inline void block_vec(const float* x, const int32_t* rowb, const float* blocks, 
 }
 
 template <int BW>
-void block_matmul(ffi::ThreadPool& pool, const float* x, const int32_t* colptr,
-                  const int32_t* rowb, const float* blocks, float* y, int64_t batch,
-                  int64_t n_in, int64_t n_out, int64_t bh) {
+void block_matmul_bw(Pool& pool, const float* x, const int32_t* colptr, const int32_t* rowb,
+                     const float* blocks, float* y, int64_t batch, int64_t n_in, int64_t n_out,
+                     int64_t bh) {
   const int64_t ncb = n_out / BW;
   constexpr int R = 8;
   // For batches of 2R rows and more, x is re-laid out block row by block row,
@@ -526,7 +461,7 @@ void block_matmul(ffi::ThreadPool& pool, const float* x, const int32_t* colptr,
 }
 
 // Generic block width (not a multiple of 16): plain loops the compiler vectorises.
-void block_matmul_generic(ffi::ThreadPool& pool, const float* x, const int32_t* colptr,
+void block_matmul_generic(Pool& pool, const float* x, const int32_t* colptr,
                           const int32_t* rowb, const float* blocks, float* y, int64_t batch,
                           int64_t n_in, int64_t n_out, int64_t bh, int64_t bw) {
   const int64_t ncb = n_out / bw;
@@ -548,167 +483,18 @@ void block_matmul_generic(ffi::ThreadPool& pool, const float* x, const int32_t* 
   });
 }
 
-ffi::Error BlockMatmulImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
-                           ffi::Buffer<ffi::S32> colptr, ffi::Buffer<ffi::S32> rowb,
-                           ffi::Buffer<ffi::F32> blocks,
-                           ffi::ResultBuffer<ffi::F32> y) {
-  const auto xd = x.dimensions();
-  const auto bd = blocks.dimensions();
-  if (xd.size() != 2 || bd.size() != 3) return ffi::Error::InvalidArgument("bad ranks");
-  const int64_t batch = xd[0], n_in = xd[1];
-  const int64_t bh = bd[1], bw = bd[2];
-  const int64_t n_out = (colptr.element_count() - 1) * bw;
-  const float* xp = x.typed_data();
-  float* yp = y->typed_data();
-  if (bw == 16) {
-    block_matmul<16>(pool, xp, colptr.typed_data(), rowb.typed_data(), blocks.typed_data(), yp,
-                     batch, n_in, n_out, bh);
-  } else if (bw == 32) {
-    block_matmul<32>(pool, xp, colptr.typed_data(), rowb.typed_data(), blocks.typed_data(), yp,
-                     batch, n_in, n_out, bh);
-  } else {
-    block_matmul_generic(pool, xp, colptr.typed_data(), rowb.typed_data(), blocks.typed_data(), yp,
-                         batch, n_in, n_out, bh, bw);
-  }
-  return ffi::Error::Success();
-}
-
 }  // namespace
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(PrunejaxCsrMatmul, CsrMatmulImpl,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::ThreadPool>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::S32>>()
-                                  .Arg<ffi::AnyBuffer>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>()
-                                  .Attr<int64_t>("tiled_from"));
+void block_matmul(Pool& pool, const float* x, const int32_t* colptr, const int32_t* rowb,
+                  const float* blocks, float* y, int64_t batch, int64_t n_in, int64_t n_out,
+                  int64_t bh, int64_t bw) {
+  if (bw == 16) {
+    block_matmul_bw<16>(pool, x, colptr, rowb, blocks, y, batch, n_in, n_out, bh);
+  } else if (bw == 32) {
+    block_matmul_bw<32>(pool, x, colptr, rowb, blocks, y, batch, n_in, n_out, bh);
+  } else {
+    block_matmul_generic(pool, x, colptr, rowb, blocks, y, batch, n_in, n_out, bh, bw);
+  }
+}
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(PrunejaxDenseRowsMatmul, DenseRowsMatmulImpl,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::ThreadPool>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>());
-
-XLA_FFI_DEFINE_HANDLER_SYMBOL(PrunejaxBlockMatmul, BlockMatmulImpl,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::ThreadPool>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::S32>>()
-                                  .Arg<ffi::Buffer<ffi::S32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>());
-"""
-
-_FLAGS = ("-O3", "-march=native", "-std=c++17", "-fPIC", "-shared", "-w")
-_CSR_TARGET = "prunejax_csr_matmul_f32"
-_BLOCK_TARGET = "prunejax_block_matmul_f32"
-_ROWS_TARGET = "prunejax_dense_rows_matmul_f32"
-# Batches from this size on use the tiled CSR kernel (x transposed into 16-row tiles).
-CSR_TILED_FROM = 8
-
-_lock = threading.Lock()
-_state: dict[str, Any] = {"loaded": None, "error": None}
-
-
-def _cache_dir() -> str:
-    d = os.environ.get("PRUNEJAX_CACHE_DIR") or os.path.join(
-        os.path.expanduser("~"), ".cache", "prunejax"
-    )
-    os.makedirs(d, exist_ok=True)
-    return d
-
-
-def _compiler() -> str | None:
-    for cand in (os.environ.get("CXX"), "g++", "c++", "clang++"):
-        if cand and shutil.which(cand):
-            return shutil.which(cand)
-    return None
-
-
-def _build() -> str:
-    """Compile the kernels (once per source/flags/headers) and return the shared library path."""
-    cxx = _compiler()
-    if cxx is None:
-        raise RuntimeError("no C++ compiler found (set $CXX)")
-    include = jax.ffi.include_dir()
-    key = hashlib.sha256(
-        "\0".join([_SOURCE, cxx, *_FLAGS, include, jax.__version__, sys.platform]).encode()
-    ).hexdigest()[:16]
-    out = os.path.join(_cache_dir(), f"prunejax_kernels_{key}.so")
-    if os.path.exists(out):
-        return out
-    with tempfile.TemporaryDirectory(dir=_cache_dir()) as tmp:
-        src = os.path.join(tmp, "kernels.cc")
-        with open(src, "w") as f:
-            f.write(_SOURCE)
-        lib = os.path.join(tmp, "kernels.so")
-        cmd = [cxx, *_FLAGS, f"-I{include}", src, "-o", lib]
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
-        if proc.returncode != 0:
-            raise RuntimeError(f"compiling the prunejax kernels failed:\n{proc.stderr[-2000:]}")
-        os.replace(lib, out)  # atomic: concurrent builders never see a partial file
-    return out
-
-
-def available() -> bool:
-    """True when the compiled CPU kernels are usable (built and registered on first call)."""
-    if os.environ.get("PRUNEJAX_DISABLE_FFI", "") not in ("", "0"):
-        return False
-    if _state["loaded"] is not None:
-        return _state["loaded"]
-    with _lock:
-        if _state["loaded"] is None:
-            try:
-                lib = ctypes.cdll.LoadLibrary(_build())
-                jax.ffi.register_ffi_target(
-                    _CSR_TARGET, jax.ffi.pycapsule(lib.PrunejaxCsrMatmul), platform="cpu"
-                )
-                jax.ffi.register_ffi_target(
-                    _BLOCK_TARGET, jax.ffi.pycapsule(lib.PrunejaxBlockMatmul), platform="cpu"
-                )
-                jax.ffi.register_ffi_target(
-                    _ROWS_TARGET, jax.ffi.pycapsule(lib.PrunejaxDenseRowsMatmul), platform="cpu"
-                )
-                _state["lib"] = lib
-                _state["loaded"] = True
-            except Exception as e:  # no compiler, failed build, missing FFI support
-                _state["error"] = f"{type(e).__name__}: {e}"
-                _state["loaded"] = False
-    return _state["loaded"]
-
-
-def build_error() -> str | None:
-    """Why the compiled kernels are unavailable (``None`` if they are, or were not tried)."""
-    return _state["error"]
-
-
-def csr_matmul(x: jax.Array, ptr: jax.Array, idx: jax.Array, val: jax.Array, n_out: int):
-    """``y[b, j] = sum_k val[k] * x[b, idx[k]]`` over ``ptr[j] <= k < ptr[j+1]`` (fp32, 2-D x)."""
-    return jax.ffi.ffi_call(
-        _CSR_TARGET,
-        jax.ShapeDtypeStruct((x.shape[0], n_out), jnp.float32),
-        vmap_method="sequential",
-    )(x, ptr, idx, val, tiled_from=np.int64(CSR_TILED_FROM))
-
-
-def block_matmul(
-    x: jax.Array, colptr: jax.Array, rowb: jax.Array, blocks: jax.Array, n_out: int
-) -> jax.Array:
-    """``x @ W`` for ``W`` given as blocks grouped by block column (fp32, 2-D x)."""
-    return jax.ffi.ffi_call(
-        _BLOCK_TARGET,
-        jax.ShapeDtypeStruct((x.shape[0], n_out), jnp.float32),
-        vmap_method="sequential",
-    )(x, colptr, rowb, blocks)
-
-
-def dense_rows_matmul(x: jax.Array, wt: jax.Array) -> jax.Array:
-    """``x @ wt.T`` for a dense ``wt`` of shape ``(out, in)``: one dot product per output."""
-    return jax.ffi.ffi_call(
-        _ROWS_TARGET,
-        jax.ShapeDtypeStruct((x.shape[0], wt.shape[0]), jnp.float32),
-        vmap_method="sequential",
-    )(x, wt)
+}  // namespace prunejax

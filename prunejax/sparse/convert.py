@@ -1,0 +1,215 @@
+"""``sparsify`` and ``densify``: between dense ``(in, out)`` kernels and prunejax's kernel objects.
+
+``format_of`` / ``formats_of`` name the format of a leaf / of every kernel of a pytree.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.experimental import sparse as jsparse
+
+from prunejax._util import (
+    PyTree,
+    Where,
+    check_block,
+    flatten,
+    is_int,
+    is_matrix_object,
+    is_traced,
+    select,
+)
+from prunejax.sparse.auto import auto_format, layer_kernels
+from prunejax.sparse.kernels import (
+    BCSRKernel,
+    BlockKernel,
+    CsrKernel,
+    DenseTKernel,
+    EllKernel,
+    NMKernel,
+)
+
+__all__ = ["FORMATS", "densify", "format_of", "formats_of", "sparsify"]
+
+FORMATS = ("auto", "dense", "dense_t", "bcoo", "bcsr", "csr", "bcsr_t", "ell", "block", "nm")
+
+
+def format_of(leaf: Any) -> str:
+    """The format of one leaf.
+
+    Args:
+      leaf: an array or a kernel object.
+
+    Returns:
+      ``"dense"`` for arrays, ``"bcoo"``/``"bcsr"`` for ``jax.experimental.sparse`` matrices,
+      else the kernel object's ``format``.
+    """
+    if isinstance(leaf, jsparse.BCOO):
+        return "bcoo"
+    if isinstance(leaf, jsparse.BCSR):
+        return "bcsr"
+    if hasattr(leaf, "__prunejax_kernel__"):
+        return str(leaf.format)
+    return "dense"
+
+
+def formats_of(params: PyTree) -> dict[str, str]:
+    """The format of every kernel of ``params`` (2-D arrays and kernel objects).
+
+    Args:
+      params: a pytree, possibly sparsified.
+
+    Returns:
+      ``{path: format}`` (see :func:`format_of`), in ``params``' leaf order.
+    """
+    paths, leaves, _ = flatten(params)
+    return {
+        p: format_of(leaf)
+        for p, leaf in zip(paths, leaves, strict=True)
+        if is_matrix_object(leaf) or np.ndim(leaf) == 2
+    }
+
+
+def densify(params: PyTree) -> PyTree:
+    """Turn every sparse kernel object of ``params`` back into a dense ``(in, out)`` array.
+
+    Args:
+      params: a pytree possibly holding ``jax.experimental.sparse`` matrices or prunejax kernels.
+
+    Returns:
+      The same pytree with dense JAX arrays in their place (other leaves untouched).
+    """
+    paths, leaves, treedef = flatten(params)
+    out = [leaf.todense() if is_matrix_object(leaf) else leaf for leaf in leaves]
+    return jax.tree_util.tree_unflatten(treedef, out)
+
+
+def _check_nm(nm: Any) -> tuple[int, int]:
+    """``nm`` as ``(n, m)``, ints with ``1 <= n <= m <= 255``."""
+    if (
+        not isinstance(nm, tuple | list)
+        or len(nm) != 2
+        or not all(is_int(v) for v in nm)
+        or not 1 <= nm[0] <= nm[1] <= 255
+    ):
+        raise ValueError(f"nm must be a pair of ints (n, m) with 1 <= n <= m <= 255, got {nm!r}")
+    return int(nm[0]), int(nm[1])
+
+
+def _to_format(
+    w: np.ndarray, fmt: str, path: str, block: tuple[int, int], nm: tuple[int, int]
+) -> Any:
+    """The kernel object (or array) of format ``fmt`` holding ``w``."""
+    if fmt == "dense":
+        return jnp.asarray(w)
+    if fmt == "dense_t":
+        return DenseTKernel.fromdense(w)
+    if fmt == "bcoo":
+        return jsparse.BCOO.fromdense(jnp.asarray(w), index_dtype=jnp.int32)
+    if fmt == "bcsr":
+        m = jsparse.BCSR.fromdense(jnp.asarray(w), index_dtype=jnp.int32)
+        return BCSRKernel((m.data, m.indices, m.indptr), shape=m.shape, indices_sorted=True)
+    if fmt in ("csr", "bcsr_t"):
+        return CsrKernel.fromdense(w, fmt)
+    if fmt == "ell":
+        return EllKernel.fromdense(w)
+    if fmt == "block":
+        return BlockKernel.fromdense(w, block, path)
+    if fmt == "nm":
+        return NMKernel.fromdense(w, *nm, path)
+    raise AssertionError(fmt)
+
+
+def sparsify(
+    params: PyTree,
+    format: str = "bcoo",  # noqa: A002 - the natural name of the argument
+    *,
+    batch_size: int | None = None,
+    where: Where | None = None,
+    block: tuple[int, int] = (16, 16),
+    nm: tuple[int, int] = (2, 4),
+) -> PyTree:
+    """Turn each selected kernel into a sparse kernel object that supports ``x @ W`` in jit.
+
+    Han et al. (2015), "Learning both Weights and Connections for Efficient Neural Networks",
+    store pruned layers in CSR; this function does the same with formats measured to run fast
+    on XLA (see ``prunejax.sparse`` and ``FORMATS``).
+
+    Args:
+      params: any pytree of arrays; kernels are ``(in, out)`` and used as ``x @ W``.  Leaves that
+        already are sparse kernel objects are converted from their dense form.
+      format: one of ``FORMATS``.
+      batch_size: the inference batch size; required by ``"auto"``, ignored otherwise.
+      where: ``(path, leaf) -> bool`` selecting the leaves to convert (default: 2-D leaves and
+        sparse kernel objects).  Selected leaves must be 2-D.
+      block: ``(bh, bw)`` block shape for ``"block"`` (and the block candidate of ``"auto"``).
+      nm: ``(n, m)`` for ``"nm"``: at most ``n`` nonzeros in every ``m`` consecutive inputs.
+
+    Returns:
+      ``params`` with each selected kernel replaced by its sparse form.  ``"dense"`` gives a
+      plain ``jax.Array``; so does ``"auto"`` where dense wins, except at batch 1 with the
+      compiled CPU kernels (fp32), where a layer kernel (a ``kernel``/``weight``/``w`` leaf, or
+      a 2-D leaf followed by its bias) that stays dense becomes ``"dense_t"``.  Unselected
+      leaves are untouched.
+
+    Raises:
+      ValueError: unknown format; a selected leaf that is not 2-D, holds NaN/inf, or does not fit
+        the format (block divisibility, N:M pattern); ``"auto"`` without a positive batch_size.
+      TypeError: a traced leaf (sparsify needs concrete values; call it outside ``jax.jit``), or
+        a selected leaf that is not a float kernel.
+    """
+    if not isinstance(format, str) or format not in FORMATS:
+        raise ValueError(f"unknown sparse format {format!r}; valid formats: {', '.join(FORMATS)}")
+    block = check_block(block)
+    nm = _check_nm(nm)
+    if format == "auto" and not (is_int(batch_size) and batch_size >= 1):
+        raise ValueError(f'format="auto" needs batch_size=, a positive int, got {batch_size!r}')
+    paths, leaves, treedef = flatten(params)
+
+    def default(path: str, leaf: Any) -> bool:
+        return is_matrix_object(leaf) or np.ndim(leaf) >= 2
+
+    selected = select(paths, leaves, where if where is not None else default)
+    layers = layer_kernels(params, paths) if format == "auto" else set()
+    out = []
+    for p, leaf, s in zip(paths, leaves, selected, strict=True):
+        if not s:
+            out.append(leaf)
+            continue
+        w = _concrete_kernel(p, leaf)
+        if format == "auto":
+            b = int(batch_size)  # type: ignore[arg-type]
+            fmt = auto_format(w, b, block, layer_kernel=p in layers)
+        else:
+            fmt = format
+        out.append(_to_format(w, fmt, p, block, nm))
+    return jax.tree_util.tree_unflatten(treedef, out)
+
+
+def _concrete_kernel(path: str, leaf: Any) -> np.ndarray:
+    """``leaf`` as a 2-D float NumPy kernel, checked: concrete, 2-D, float, finite."""
+    if is_matrix_object(leaf):
+        leaf = leaf.todense()
+    if is_traced(leaf):
+        raise TypeError(
+            f"leaf {path!r} is traced: sparsify needs concrete values (the sparsity pattern "
+            "decides the shapes), so call it outside jax.jit"
+        )
+    w = np.asarray(leaf)
+    if w.ndim != 2:
+        raise ValueError(
+            f"leaf {path!r} has shape {w.shape}: only 2-D (in, out) kernels can be sparsified; "
+            "exclude it with where="
+        )
+    if w.dtype.kind not in "fc" and w.dtype != jnp.bfloat16:
+        raise TypeError(f"leaf {path!r} has dtype {w.dtype}; sparsify expects a float kernel")
+    finite = np.isfinite(w.astype(np.float32) if w.dtype == jnp.bfloat16 else w)
+    if not finite.all():
+        raise ValueError(
+            f"leaf {path!r} has {int(w.size - finite.sum())} non-finite value(s) (NaN or inf); "
+            "a sparse kernel would silently change them"
+        )
+    return w

@@ -1,0 +1,241 @@
+"""Compiled CPU kernels for sparse ``x @ W`` (XLA FFI custom calls), built on first use.
+
+The C++ sources ship with the package in ``prunejax/sparse/csrc``: ``kernels.h`` /
+``kernels.cc`` hold the kernel cores (plain functions on raw pointers, given a thread pool),
+``ffi_bindings.cc`` the XLA FFI handlers that check the buffers and call them.  On first use they
+are compiled with the machine's C++ compiler (``$CXX`` or ``g++``/``c++``/``clang++``,
+``-O3 -march=native``) into prunejax's cache directory (``prunejax._util.cache_dir``:
+``$PRUNEJAX_CACHE_DIR``, else ``$XDG_CACHE_HOME/prunejax``, else ``~/.cache/prunejax``), keyed
+by a hash of the sources, the compiler, the flags and the JAX FFI headers, and registered as XLA
+FFI targets, so the kernels run inside ``jax.jit`` like any other op.  When no compiler is
+present, the build fails, or ``PRUNEJAX_DISABLE_FFI=1`` is set, :func:`available` returns
+``False`` and :mod:`prunejax.sparse` uses its pure-JAX paths instead.
+
+Kernels (fp32, ``y = x @ W`` with ``x`` of shape ``(batch, in)``):
+
+* ``csr``: ``W`` stored as CSR of ``W.T`` (one row per output unit, uint16 or int32 column
+  indices).  Batch < 8: one gather-dot per output and batch row (8 independent sums); bound by
+  load issue (~1.5 cycles per nonzero) and by streaming the ~6 bytes per nonzero.  Batch >= 8:
+  ``x`` is transposed into 64-byte aligned tiles of 16 (batch < 32) or 32 batch rows, so every
+  nonzero is one or two 16-wide FMAs on a contiguous row of the tile; bound by the L2 -> core
+  bandwidth of those random tile rows (~3.5 cycles per 64 bytes), with W streamed once per
+  tile from cache-sized chunks of rows.
+* ``dense_rows``: a dense ``W`` stored transposed, ``(out, in)``, for batch 1: one contiguous
+  dot product per output (each loaded ``W`` vector serves up to 4 batch rows), so ``W`` streams
+  once front to back; bound by those 4 bytes per weight.  XLA's own batch-1 ``x @ W`` on an
+  ``(in, out)`` kernel reaches ~25-35 GB/s here; this form is 1.1-1.3x faster on 4096-wide
+  layers and ~3x on LeNet-sized ones (see ``benchmarks/results/RESULTS.md``).
+* ``block``: ``W`` stored as dense ``(bh, bw)`` blocks grouped by block column; each thread owns
+  whole block columns of ``y`` (no scatter).  For ``bw`` of 16/32 the block's rows sit in
+  AVX-512 registers and 8 batch rows are accumulated at once (dense inner loops: ~60-70% of
+  the dense matmul's FLOP rate at large batch; bound by streaming the block bytes at batch 1).
+  From batch 16 on, ``x`` is first re-laid out block row by block row so the rows one block
+  multiplies are contiguous.
+
+Work is split over XLA's own intra-op thread pool (FFI ``ThreadPool`` context), in dynamically
+assigned chunks, so the kernels use the cores XLA's dense matmul uses and never oversubscribe;
+below ~131k multiply-adds a call runs on the calling thread alone.  The FFI calls themselves
+define no derivatives and run once per batch element under ``jax.vmap``
+(``vmap_method="sequential"``); ``prunejax.sparse.DenseTKernel`` wraps ``dense_rows_matmul`` in a
+custom JVP and a custom vmap rule (both XLA's dot).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from prunejax._util import cache_dir
+
+__all__ = [
+    "CSR_TILED_FROM",
+    "SOURCES",
+    "available",
+    "block_matmul",
+    "build_error",
+    "csr_matmul",
+    "dense_rows_matmul",
+    "find_compiler",
+    "read_sources",
+]
+
+# The C++ sources in prunejax/sparse/csrc (package data); the .cc files are compiled.
+SOURCES = ("kernels.h", "kernels.cc", "ffi_bindings.cc")
+_FLAGS = ("-O3", "-march=native", "-std=c++17", "-fPIC", "-shared", "-w")
+_CSR_TARGET = "prunejax_csr_matmul_f32"
+_BLOCK_TARGET = "prunejax_block_matmul_f32"
+_ROWS_TARGET = "prunejax_dense_rows_matmul_f32"
+# (FFI target, symbol of its handler in the shared library)
+_TARGETS = (
+    (_CSR_TARGET, "PrunejaxCsrMatmul"),
+    (_BLOCK_TARGET, "PrunejaxBlockMatmul"),
+    (_ROWS_TARGET, "PrunejaxDenseRowsMatmul"),
+)
+# Batches from this size on use the tiled CSR kernel (x transposed into 16-row tiles).
+CSR_TILED_FROM = 8
+
+_lock = threading.Lock()
+_state: dict[str, Any] = {"loaded": None, "error": None}
+
+
+def find_compiler() -> str | None:
+    """The C++ compiler to build the kernels with: ``$CXX``, else ``g++``, ``c++``, ``clang++``.
+
+    Returns:
+      Its full path, or ``None`` when none is on ``PATH``.
+    """
+    for cand in (os.environ.get("CXX"), "g++", "c++", "clang++"):
+        if cand and shutil.which(cand):
+            return shutil.which(cand)
+    return None
+
+
+def read_sources() -> dict[str, str]:
+    """The kernels' C++ sources, read from the package data (``prunejax/sparse/csrc``).
+
+    Returns:
+      ``{file name: text}`` for every name in ``SOURCES``, in that order.
+    """
+    csrc = resources.files(__package__).joinpath("csrc")
+    return {name: csrc.joinpath(name).read_text(encoding="utf-8") for name in SOURCES}
+
+
+def _build() -> Path:
+    """Compile the kernels (once per source/flags/headers) and return the shared library path."""
+    cxx = find_compiler()
+    if cxx is None:
+        raise RuntimeError("no C++ compiler found (set $CXX)")
+    sources = read_sources()
+    include = jax.ffi.include_dir()
+    parts = [f"{name}\0{text}" for name, text in sources.items()]
+    key = hashlib.sha256(
+        "\0".join([*parts, cxx, *_FLAGS, include, jax.__version__, sys.platform]).encode()
+    ).hexdigest()[:16]
+    out = cache_dir(create=True) / f"prunejax_kernels_{key}.so"
+    if out.exists():
+        return out
+    with tempfile.TemporaryDirectory(dir=out.parent) as tmp:
+        for name, text in sources.items():
+            Path(tmp, name).write_text(text, encoding="utf-8")
+        lib = os.path.join(tmp, "kernels.so")
+        units = [os.path.join(tmp, name) for name in sources if name.endswith(".cc")]
+        cmd = [cxx, *_FLAGS, f"-I{include}", *units, "-o", lib]
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+        if proc.returncode != 0:
+            raise RuntimeError(f"compiling the prunejax kernels failed:\n{proc.stderr[-2000:]}")
+        os.replace(lib, out)  # atomic: concurrent builders never see a partial file
+    return out
+
+
+def _load() -> None:
+    """Build the library, load it and register its handlers as XLA FFI targets (CPU)."""
+    lib = ctypes.cdll.LoadLibrary(str(_build()))
+    for target, symbol in _TARGETS:
+        jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(getattr(lib, symbol)), platform="cpu")
+    _state["lib"] = lib
+
+
+def available() -> bool:
+    """True when the compiled CPU kernels are usable (built and registered on first call).
+
+    Returns:
+      ``False`` when ``PRUNEJAX_DISABLE_FFI`` is set (to anything but ``0``), or when building or
+      registering failed (see :func:`build_error`).
+    """
+    if os.environ.get("PRUNEJAX_DISABLE_FFI", "") not in ("", "0"):
+        return False
+    if _state["loaded"] is not None:
+        return _state["loaded"]
+    with _lock:
+        if _state["loaded"] is None:
+            try:
+                _load()
+                _state["loaded"] = True
+            except Exception as e:  # no compiler, failed build, missing FFI support
+                _state["error"] = f"{type(e).__name__}: {e}"
+                _state["loaded"] = False
+    return _state["loaded"]
+
+
+def build_error() -> str | None:
+    """Why the compiled kernels are unavailable.
+
+    Returns:
+      The error of the failed build or registration, or ``None`` if they are available or were
+      not tried yet.
+    """
+    return _state["error"]
+
+
+def csr_matmul(
+    x: jax.Array, ptr: jax.Array, idx: jax.Array, val: jax.Array, n_out: int
+) -> jax.Array:
+    """``y[b, j] = sum_k val[k] * x[b, idx[k]]`` over ``ptr[j] <= k < ptr[j+1]`` (fp32, 2-D x).
+
+    Args:
+      x: ``(batch, in)`` float32.
+      ptr: ``(n_out + 1,)`` int32 row pointers of the CSR of ``W.T``.
+      idx: ``(nnz,)`` uint16 or int32 input index of each nonzero.
+      val: ``(nnz,)`` float32 nonzeros.
+      n_out: output units.
+
+    Returns:
+      ``(batch, n_out)`` float32.
+    """
+    return jax.ffi.ffi_call(
+        _CSR_TARGET,
+        jax.ShapeDtypeStruct((x.shape[0], n_out), jnp.float32),
+        vmap_method="sequential",
+    )(x, ptr, idx, val, tiled_from=np.int64(CSR_TILED_FROM))
+
+
+def block_matmul(
+    x: jax.Array, colptr: jax.Array, rowb: jax.Array, blocks: jax.Array, n_out: int
+) -> jax.Array:
+    """``x @ W`` for ``W`` given as blocks grouped by block column (fp32, 2-D x).
+
+    Args:
+      x: ``(batch, in)`` float32.
+      colptr: ``(n_out / bw + 1,)`` int32: ``colptr[j]:colptr[j+1]`` are block column ``j``'s.
+      rowb: ``(nb,)`` int32 block row of each block.
+      blocks: ``(nb, bh, bw)`` float32 blocks.
+      n_out: output units (a multiple of ``bw``).
+
+    Returns:
+      ``(batch, n_out)`` float32.
+    """
+    return jax.ffi.ffi_call(
+        _BLOCK_TARGET,
+        jax.ShapeDtypeStruct((x.shape[0], n_out), jnp.float32),
+        vmap_method="sequential",
+    )(x, colptr, rowb, blocks)
+
+
+def dense_rows_matmul(x: jax.Array, wt: jax.Array) -> jax.Array:
+    """``x @ wt.T`` for a dense ``wt`` of shape ``(out, in)``: one dot product per output.
+
+    Args:
+      x: ``(batch, in)`` float32.
+      wt: ``(out, in)`` float32, the kernel transposed.
+
+    Returns:
+      ``(batch, out)`` float32.
+    """
+    return jax.ffi.ffi_call(
+        _ROWS_TARGET,
+        jax.ShapeDtypeStruct((x.shape[0], wt.shape[0]), jnp.float32),
+        vmap_method="sequential",
+    )(x, wt)
