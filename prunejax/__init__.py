@@ -29,7 +29,6 @@ from prunejax.distributions import (
     pruned_counts,
     uniform_sparsity,
 )
-from prunejax.dst import DSTState, cosine_drop_fraction, dst_masks, dynamic_sparse, rigl, set_sparse
 from prunejax.io import FileFormatError, load, load_header, save
 from prunejax.lottery import LotteryRound, imp_step, lottery_ticket, random_reinit, rewind
 from prunejax.masks import (
@@ -45,15 +44,6 @@ from prunejax.masks import (
     unit_masks,
 )
 from prunejax.models import MLP, MaskableDense, mlp_apply
-from prunejax.optim import (
-    MaskedState,
-    PruningState,
-    current_masks,
-    current_sparsity,
-    mask_state,
-    masked,
-    pruning,
-)
 from prunejax.report import LayerSize, SizeReport, size_report
 from prunejax.schedules import (
     constant_sparsity,
@@ -71,6 +61,21 @@ from prunejax.train import (
     load_checkpoint,
     restore_checkpoint,
     save_checkpoint,
+)
+from prunejax.transforms import (
+    DSTState,
+    MaskedState,
+    PruningState,
+    cosine_drop_fraction,
+    current_masks,
+    current_sparsity,
+    dst_masks,
+    dynamic_sparse,
+    mask_state,
+    masked,
+    pruning,
+    rigl,
+    set_sparse,
 )
 
 __version__ = "0.1.0"
