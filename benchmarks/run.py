@@ -948,9 +948,9 @@ def _iqr(xs: list[float]) -> list[float] | None:
 
 
 def _masked_tx(inner, masks):
-    po = _optional("prunejax.optim")
+    po = _optional("prunejax.transforms")
     if po is not None and hasattr(po, "masked"):
-        return po.masked(inner, masks), "prunejax.optim.masked"
+        return po.masked(inner, masks), "prunejax.transforms.masked"
     import optax
 
     def init(params):
@@ -963,7 +963,7 @@ def _masked_tx(inner, masks):
 
     return optax.chain(
         inner, optax.GradientTransformation(init, update)
-    ), "optax.adam + update mask multiply (prunejax.optim missing)"
+    ), "optax.adam + update mask multiply (prunejax.transforms missing)"
 
 
 def _train_step_fns(masks, lr: float = 1e-3, put=jax.device_put):

@@ -65,12 +65,11 @@ import optax
 from prunejax.criteria import snip_masks_from_batch
 from prunejax.data import load_mnist
 from prunejax.distributions import erk_sparsity
-from prunejax.dst import rigl, set_sparse
 from prunejax.lottery import LotteryRound, lottery_ticket, random_reinit
 from prunejax.masks import apply_masks, magnitude_masks, random_masks
 from prunejax.models import MLP, mlp_apply
-from prunejax.optim import current_masks, masked, pruning
 from prunejax.schedules import polynomial_sparsity
+from prunejax.transforms import current_masks, masked, pruning, rigl, set_sparse
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 NAME = "sparse_training"

@@ -315,7 +315,6 @@ def run_mnist(args: argparse.Namespace) -> dict[str, Any]:
     from prunejax.data import load_mnist, num_batches
     from prunejax.masks import apply_masks
     from prunejax.models import MLP
-    from prunejax.optim import masked
     from prunejax.schedules import iterative_sparsity
     from prunejax.train import (
         evaluate,
@@ -326,6 +325,7 @@ def run_mnist(args: argparse.Namespace) -> dict[str, Any]:
         make_optimizer,
         save_checkpoint,
     )
+    from prunejax.transforms import masked
 
     t_start = time.perf_counter()
     st = _settings(args)

@@ -32,8 +32,8 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from prunejax._util import PyTree, path_str
 from prunejax.data import batches, num_batches
 from prunejax.masks import apply_masks, combine, magnitude_masks
-from prunejax.optim import current_masks, masked, pruning
 from prunejax.schedules import polynomial_sparsity
+from prunejax.transforms import current_masks, masked, pruning
 
 __all__ = [
     "CheckpointError",

@@ -12,7 +12,6 @@ import pytest
 import prunejax.train as ptrain
 from prunejax.masks import apply_masks, magnitude_masks
 from prunejax.models import MLP
-from prunejax.optim import masked
 from prunejax.train import (
     CheckpointError,
     evaluate,
@@ -24,6 +23,7 @@ from prunejax.train import (
     restore_checkpoint,
     save_checkpoint,
 )
+from prunejax.transforms import masked
 
 MODEL = MLP(features=(16, 3), dropout=0.1)
 
@@ -261,7 +261,7 @@ _MULTI = textwrap.dedent(
     assert jax.device_count() == 4, jax.devices()
     from prunejax.masks import apply_masks, magnitude_masks
     from prunejax.models import MLP
-    from prunejax.optim import masked
+    from prunejax.transforms import masked
     from prunejax.train import data_mesh, fit, make_optimizer
     rng = np.random.default_rng(0)
     x = rng.normal(size=(256, 20)).astype(np.float32)
