@@ -33,7 +33,7 @@ exactly sparse params use ``apply_masks(params, dst_masks(tx.init(params)))``.
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, TypedDict, Unpack
 
 import jax
 import jax.numpy as jnp
@@ -317,17 +317,24 @@ def _dst_update(
     return update_fn
 
 
+class DSTOptions(TypedDict, total=False):
+    """The keyword arguments that :func:`set_sparse` and :func:`rigl` pass on to
+    :func:`dynamic_sparse` (documented there)."""
+
+    drop_fraction: float | Callable[[Any], Any]
+    drop_schedule: str
+    initial_masks: PyTree | None
+    where: Where | None
+    seed: Any
+
+
 def set_sparse(
     inner: optax.GradientTransformation,
     sparsity: Any = None,
     *,
     delta_t: int,
     t_end: int,
-    drop_fraction: float | Callable[[Any], Any] = 0.3,
-    drop_schedule: str = "constant",
-    initial_masks: PyTree | None = None,
-    where: Where | None = None,
-    seed: Any = 0,
+    **options: Unpack[DSTOptions],
 ) -> optax.GradientTransformation:
     """SET: Sparse Evolutionary Training (Mocanu et al. 2018).
 
@@ -337,27 +344,16 @@ def set_sparse(
     for the exact rules and guarantees.
 
     Args:
-      inner, sparsity, delta_t, t_end, initial_masks, where, seed: as in
-        :func:`dynamic_sparse`; ``seed`` also drives the random growth.
-      drop_fraction: ``zeta``, the fraction of active weights replaced at each update, or a
-        callable ``step -> fraction``.
-      drop_schedule: ``"constant"`` (SET's), or ``"cosine"`` (RigL's decay).
+      inner, sparsity, delta_t, t_end: as in :func:`dynamic_sparse`.
+      **options: ``drop_fraction`` (``zeta``, default 0.3), ``drop_schedule`` (default
+        ``"constant"``, SET's), ``initial_masks``, ``where``, ``seed`` (it also drives the random
+        growth): as in :func:`dynamic_sparse`.
 
     Returns:
       An ``optax.GradientTransformation`` whose state is a :class:`DSTState`.
     """
-    return dynamic_sparse(
-        inner,
-        sparsity,
-        grow="random",
-        delta_t=delta_t,
-        t_end=t_end,
-        drop_fraction=drop_fraction,
-        drop_schedule=drop_schedule,
-        initial_masks=initial_masks,
-        where=where,
-        seed=seed,
-    )
+    options.setdefault("drop_schedule", "constant")
+    return dynamic_sparse(inner, sparsity, grow="random", delta_t=delta_t, t_end=t_end, **options)
 
 
 def rigl(
@@ -366,11 +362,7 @@ def rigl(
     *,
     delta_t: int,
     t_end: int,
-    drop_fraction: float | Callable[[Any], Any] = 0.3,
-    drop_schedule: str = "cosine",
-    initial_masks: PyTree | None = None,
-    where: Where | None = None,
-    seed: Any = 0,
+    **options: Unpack[DSTOptions],
 ) -> optax.GradientTransformation:
     """RigL: Rigging the Lottery (Evci et al. 2020).
 
@@ -383,26 +375,15 @@ def rigl(
     rules and guarantees.
 
     Args:
-      inner, sparsity, delta_t, t_end, initial_masks, where, seed: as in
-        :func:`dynamic_sparse`.
-      drop_fraction: ``alpha``, the drop fraction at step 0, or a callable ``step -> fraction``.
-      drop_schedule: ``"cosine"`` (RigL's decay to 0 at ``t_end``) or ``"constant"``.
+      inner, sparsity, delta_t, t_end: as in :func:`dynamic_sparse`.
+      **options: ``drop_fraction`` (``alpha``, default 0.3), ``drop_schedule`` (default
+        ``"cosine"``, RigL's decay to 0 at ``t_end``), ``initial_masks``, ``where``, ``seed``:
+        as in :func:`dynamic_sparse`.
 
     Returns:
       An ``optax.GradientTransformation`` whose state is a :class:`DSTState`.
     """
-    return dynamic_sparse(
-        inner,
-        sparsity,
-        grow="gradient",
-        delta_t=delta_t,
-        t_end=t_end,
-        drop_fraction=drop_fraction,
-        drop_schedule=drop_schedule,
-        initial_masks=initial_masks,
-        where=where,
-        seed=seed,
-    )
+    return dynamic_sparse(inner, sparsity, grow="gradient", delta_t=delta_t, t_end=t_end, **options)
 
 
 def dst_masks(opt_state: Any) -> PyTree:
