@@ -293,7 +293,10 @@ class DenseLayer:
 def find_instances(tree: Any, cls: type) -> list[Any]:
     """Every ``cls`` node of ``tree`` (an optax state, possibly chained or nested).
 
-    ``cls`` is a ``NamedTuple`` state class; the walk is ``optax.tree_utils``'s.
+    Args:
+      tree: any pytree.
+      cls: a ``NamedTuple`` state class (the walk is ``optax.tree_utils``'s, which finds
+        ``NamedTuple`` nodes by class name; this keeps the instances of ``cls``).
 
     Returns:
       The nodes, outermost first.

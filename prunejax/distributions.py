@@ -273,6 +273,11 @@ def pruned_counts(params: PyTree, sparsity: Any, *, where: Where | None = None) 
 
     Uses the builders' rule ``round(s * n)`` (half-to-even); leaves a map does not name prune 0.
 
+    Args:
+      params: any pytree of arrays (shapes are used, values are not).
+      sparsity: a fraction in ``[0, 1]`` or a per-leaf mapping of them.
+      where: ``(path, leaf) -> bool`` selecting leaves (default: ``ndim >= 2``).
+
     Returns:
       ``{path: count}`` for every selected leaf.
     """

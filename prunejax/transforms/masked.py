@@ -24,24 +24,55 @@ __all__ = ["MaskedState", "masked", "mask_state"]
 
 
 def check_inner(inner: Any) -> None:
-    """Raise ``TypeError`` unless ``inner`` is an ``optax.GradientTransformation``."""
+    """Check the optimizer a transformation here wraps.
+
+    Args:
+      inner: the wrapped optimizer.
+
+    Raises:
+      TypeError: ``inner`` is not an ``optax.GradientTransformation``.
+    """
     if not isinstance(inner, optax.GradientTransformation):
         raise TypeError(f"inner must be an optax.GradientTransformation, got {type(inner)!r}")
 
 
 def as_bool_masks(masks: PyTree) -> PyTree:
-    """``masks`` with every leaf a JAX boolean array."""
+    """Masks as JAX booleans.
+
+    Args:
+      masks: a pytree of mask arrays (NumPy or JAX).
+
+    Returns:
+      The same tree with every leaf a JAX boolean array.
+    """
     return jax.tree_util.tree_map(lambda m: jnp.asarray(m, jnp.bool_), masks)
 
 
 def zero_where_pruned(tree: PyTree, masks: PyTree) -> PyTree:
-    """``where(mask, x, 0)`` leaf by leaf."""
+    """Zero a params-shaped tree (gradients, updates, a moment) at pruned entries.
+
+    Args:
+      tree: a pytree with the masks' structure.
+      masks: boolean masks (True = kept).
+
+    Returns:
+      ``where(mask, x, 0)`` leaf by leaf.
+    """
     return jax.tree_util.tree_map(lambda x, m: jnp.where(m, x, jnp.zeros_like(x)), tree, masks)
 
 
 def updates_to_pruned_zero(updates: PyTree, params: PyTree, masks: PyTree) -> PyTree:
-    """Keep ``updates`` at kept entries; at pruned ones emit ``-param``, so that
-    ``params + updates`` is exactly zero there (``p + (-p) == 0`` in IEEE arithmetic)."""
+    """Updates that leave every pruned weight exactly zero after ``optax.apply_updates``.
+
+    Args:
+      updates: the inner optimizer's updates.
+      params: the current params.
+      masks: boolean masks (True = kept).
+
+    Returns:
+      ``updates`` at kept entries and ``-param`` at pruned ones, so that ``params + updates``
+      is exactly zero there (``p + (-p) == 0`` in IEEE arithmetic).
+    """
     return jax.tree_util.tree_map(
         lambda u, p, m: jnp.where(m, u, (jnp.zeros_like(p) - p).astype(u.dtype)),
         updates,
