@@ -1,24 +1,24 @@
 """prunejax: pruning for JAX/NumPy pytrees, with models that really get smaller and faster.
 
-The pipeline, one module per stage::
+The pipeline, one module (or subpackage) per stage (docs/ARCHITECTURE.md)::
 
-    masks  ->  optim / schedules / train  ->  compact / sparse  ->  io / report
-    (which     (fine-tune with the masks      (drop dead units;     (small files;
-     weights)   held fixed, or re-masked)      sparse kernels)       bytes, FLOPs)
+    masks  ->  transforms / schedules  ->  compact / sparse  ->  fileformat / report
+    (which     (fine-tune with the masks   (drop dead units;     (small files;
+     weights)   held fixed, or re-masked)   sparse kernels)       bytes, FLOPs)
 
-Everything public is re-exported here; ``prunejax.keras`` (optional, needs Keras 3) is not.
+Everything public in the core is re-exported here.  The MNIST application's names (``fit``,
+``evaluate``, ``load_mnist``, the pruning recipes, checkpoints) live in ``prunejax.apps.mnist``
+and are resolved on first use, so ``import prunejax`` loads neither TFDS, tqdm nor matplotlib.
+``prunejax.keras`` (optional, needs Keras 3) is not re-exported.
 """
 
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
 from prunejax._util import DenseLayer, dense_layers
-from prunejax.apps.mnist.checkpoint import (
-    CheckpointError,
-    load_checkpoint,
-    restore_checkpoint,
-    save_checkpoint,
-)
-from prunejax.apps.mnist.data import batches, load_mnist
-from prunejax.apps.mnist.recipe import gradual_pruning, iterative_pruning
-from prunejax.apps.mnist.train import evaluate, fit
+from prunejax._version import __version__
 from prunejax.compact import Compacted, compact, compaction_plan
 from prunejax.criteria import (
     MovementState,
@@ -37,7 +37,6 @@ from prunejax.distributions import (
     pruned_counts,
     uniform_sparsity,
 )
-from prunejax.dst import DSTState, cosine_drop_fraction, dst_masks, dynamic_sparse, rigl, set_sparse
 from prunejax.fileformat import FileFormatError, load, load_header, save
 from prunejax.lottery import LotteryRound, imp_step, lottery_ticket, random_reinit, rewind
 from prunejax.masks import (
@@ -53,15 +52,6 @@ from prunejax.masks import (
     unit_masks,
 )
 from prunejax.models import MLP, MaskableDense, mlp_apply
-from prunejax.optim import (
-    MaskedState,
-    PruningState,
-    current_masks,
-    current_sparsity,
-    mask_state,
-    masked,
-    pruning,
-)
 from prunejax.report import LayerSize, SizeReport, size_report
 from prunejax.schedules import (
     constant_sparsity,
@@ -70,8 +60,50 @@ from prunejax.schedules import (
     polynomial_sparsity,
 )
 from prunejax.sparse import densify, format_of, formats_of, predict_times, sparsify
+from prunejax.transforms import (
+    DSTState,
+    MaskedState,
+    PruningState,
+    cosine_drop_fraction,
+    current_masks,
+    current_sparsity,
+    dst_masks,
+    dynamic_sparse,
+    mask_state,
+    masked,
+    pruning,
+    rigl,
+    set_sparse,
+)
 
-__version__ = "0.1.0"
+# The MNIST application, imported on first use: name -> module that defines it.
+_APP = {
+    "CheckpointError": "prunejax.apps.mnist.checkpoint",
+    "load_checkpoint": "prunejax.apps.mnist.checkpoint",
+    "restore_checkpoint": "prunejax.apps.mnist.checkpoint",
+    "save_checkpoint": "prunejax.apps.mnist.checkpoint",
+    "batches": "prunejax.apps.mnist.data",
+    "load_mnist": "prunejax.apps.mnist.data",
+    "gradual_pruning": "prunejax.apps.mnist.recipe",
+    "iterative_pruning": "prunejax.apps.mnist.recipe",
+    "evaluate": "prunejax.apps.mnist.train",
+    "fit": "prunejax.apps.mnist.train",
+}
+
+
+def __getattr__(name: str) -> Any:
+    """Resolve the application's names lazily (PEP 562)."""
+    module = _APP.get(name)
+    if module is None:
+        raise AttributeError(f"module 'prunejax' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_APP))
+
 
 __all__ = [
     "CheckpointError",

@@ -25,6 +25,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 
 PyTree = Any
 Where = Callable[[str, Any], bool]
@@ -48,6 +49,7 @@ __all__ = [
     "check_same_structure",
     "dense_layers",
     "find_instances",
+    "find_state",
     "BIAS_NAMES",
     "KERNEL_NAMES",
     "last_key",
@@ -289,16 +291,45 @@ class DenseLayer:
 
 
 def find_instances(tree: Any, cls: type) -> list[Any]:
-    """Every node of ``tree`` (e.g. an optax state, possibly chained) that is a ``cls``."""
-    found: list[Any] = []
+    """Every ``cls`` node of ``tree`` (an optax state, possibly chained or nested).
 
-    def visit(x: Any) -> Any:
-        if isinstance(x, cls):
-            found.append(x)
-        return x
+    Args:
+      tree: any pytree.
+      cls: a ``NamedTuple`` state class (the walk is ``optax.tree_utils``'s, which finds
+        ``NamedTuple`` nodes by class name; this keeps the instances of ``cls``).
 
-    jax.tree_util.tree_map(visit, tree, is_leaf=lambda x: isinstance(x, cls))
-    return found
+    Returns:
+      The nodes, outermost first.
+    """
+    found = optax.tree_utils.tree_get_all_with_path(
+        tree, cls.__name__, lambda _, node: isinstance(node, cls)
+    )
+    return [node for _, node in found]
+
+
+def find_state(opt_state: Any, cls: type, *, what: str, build: str) -> Any:
+    """The one ``cls`` state inside ``opt_state`` (e.g. within ``optax.chain``).
+
+    Args:
+      opt_state: an optax state.
+      cls: the state class to look for.
+      what: its name in error messages (``"pruning"``).
+      build: the call that makes it, for the error message (``"pruning()"``).
+
+    Returns:
+      The state.
+
+    Raises:
+      ValueError: ``opt_state`` holds no ``cls`` state, or more than one.
+    """
+    found = find_instances(opt_state, cls)
+    if not found:
+        raise ValueError(f"opt_state holds no {what} state: build the optimizer with {build}")
+    if len(found) > 1:
+        raise ValueError(
+            f"opt_state holds more than one {what} state ({len(found)}), expected exactly one"
+        )
+    return found[0]
 
 
 def _natural_key(s: str) -> list:

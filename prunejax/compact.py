@@ -23,7 +23,7 @@ takes the same inputs and returns the same outputs as the masked dense one.  Thi
 Approach") and of the structured-pruning literature made physical: the smaller dense matrices run
 with ordinary dense kernels.  At batch 1 on CPU, ``prunejax.sparse.sparsify(compacted,
 "auto", batch_size=b)`` runs them faster still (the ``"dense_t"`` row-dot layout; see
-``benchmarks/RESULTS.md``, rows ``compact`` and ``compact.auto``).
+``benchmarks/results/RESULTS.md``, rows ``compact`` and ``compact.auto``).
 """
 
 from __future__ import annotations
@@ -250,43 +250,76 @@ def compact(
     # forward sweep: dead on input, with folding into the next bias (uses the current biases,
     # which already hold the constants folded in from the previous boundary)
     for b in range(n - 1):
-        dead = ~(cur[b] != 0).any(axis=0)
-        if not dead.any():
-            continue
-        pre = np.zeros(int(dead.sum()), np.float64) if bias_cur[b] is None else bias_cur[b][dead]
         dtype = bias_dtypes[b] if bias_dtypes[b] is not None else kernels[b].dtype
-        const = np.asarray(activation(jnp.asarray(pre.astype(dtype))), np.float64)
-        if const.shape != pre.shape:
-            raise ValueError(
-                f"activation must be elementwise: it mapped shape {pre.shape} to {const.shape}"
-            )
-        if not np.isfinite(const).all():
-            raise ValueError(
-                f"activation of the biases of dead-on-input units of layer {layers[b].name!r} "
-                "is not finite; the constant cannot be folded"
-            )
-        contrib = const @ cur[b + 1][dead].astype(np.float64)
-        if bias_cur[b + 1] is not None:
-            bias_cur[b + 1] = bias_cur[b + 1] + contrib
-        elif np.any(contrib != 0):
-            orig = live_cols[b][dead]
-            bad = orig[(const != 0) & (cur[b + 1][dead] != 0).any(axis=1)]
-            raise ValueError(
-                f"compact: unit(s) {bad[:8].tolist()}{' ...' if bad.size > 8 else ''} of layer "
-                f"{layers[b].name!r} have no incoming weights but emit the nonzero constant "
-                f"activation(bias) (e.g. {float(const[const != 0][0]):.6g}) into live weights of "
-                f"layer {layers[b + 1].name!r}, which has no bias to fold it into; such a unit "
-                "is not dead. Give the next layer a bias (zeros) or keep the unit"
-            )
-        keep = ~dead
-        cur[b] = cur[b][:, keep]
-        if bias_cur[b] is not None:
-            bias_cur[b] = bias_cur[b][keep]
-        cur[b + 1] = cur[b + 1][keep]
-        live_cols[b] = live_cols[b][keep]
+        _remove_dead_inputs(b, cur, bias_cur, live_cols, dtype, activation, layers)
+    return _rebuild(params, mlp, cur, bias_cur, bias_dtypes, live_cols)
 
+
+def _dead_unit_constants(
+    pre: np.ndarray, dtype: Any, activation: Callable[[Any], Any], layer_name: str
+) -> np.ndarray:
+    """``activation(pre)`` in float64: what dead-on-input units with biases ``pre`` emit."""
+    const = np.asarray(activation(jnp.asarray(pre.astype(dtype))), np.float64)
+    if const.shape != pre.shape:
+        raise ValueError(
+            f"activation must be elementwise: it mapped shape {pre.shape} to {const.shape}"
+        )
+    if not np.isfinite(const).all():
+        raise ValueError(
+            f"activation of the biases of dead-on-input units of layer {layer_name!r} "
+            "is not finite; the constant cannot be folded"
+        )
+    return const
+
+
+def _remove_dead_inputs(
+    b: int,
+    cur: list[np.ndarray],
+    bias_cur: list[np.ndarray | None],
+    live_cols: list[np.ndarray],
+    dtype: Any,
+    activation: Callable[[Any], Any],
+    layers: list[DenseLayer],
+) -> None:
+    """Remove the dead-on-input units of layer ``b``, folding their constant outputs into the
+    bias of layer ``b + 1``; updates ``cur``, ``bias_cur`` and ``live_cols`` in place."""
+    dead = ~(cur[b] != 0).any(axis=0)
+    if not dead.any():
+        return
+    pre = np.zeros(int(dead.sum()), np.float64) if bias_cur[b] is None else bias_cur[b][dead]
+    const = _dead_unit_constants(pre, dtype, activation, layers[b].name)
+    contrib = const @ cur[b + 1][dead].astype(np.float64)
+    if bias_cur[b + 1] is not None:
+        bias_cur[b + 1] = bias_cur[b + 1] + contrib
+    elif np.any(contrib != 0):
+        orig = live_cols[b][dead]
+        bad = orig[(const != 0) & (cur[b + 1][dead] != 0).any(axis=1)]
+        raise ValueError(
+            f"compact: unit(s) {bad[:8].tolist()}{' ...' if bad.size > 8 else ''} of layer "
+            f"{layers[b].name!r} have no incoming weights but emit the nonzero constant "
+            f"activation(bias) (e.g. {float(const[const != 0][0]):.6g}) into live weights of "
+            f"layer {layers[b + 1].name!r}, which has no bias to fold it into; such a unit "
+            "is not dead. Give the next layer a bias (zeros) or keep the unit"
+        )
+    keep = ~dead
+    cur[b] = cur[b][:, keep]
+    if bias_cur[b] is not None:
+        bias_cur[b] = bias_cur[b][keep]
+    cur[b + 1] = cur[b + 1][keep]
+    live_cols[b] = live_cols[b][keep]
+
+
+def _rebuild(
+    params: PyTree,
+    mlp: _Mlp,
+    cur: list[np.ndarray],
+    bias_cur: list[np.ndarray | None],
+    bias_dtypes: list[Any],
+    live_cols: list[np.ndarray],
+) -> Compacted:
+    """The compacted params, in ``params``' tree structure and array kinds, and the kept units."""
     new_leaves = list(mlp.leaves)
-    for i, layer in enumerate(layers):
+    for i, layer in enumerate(mlp.layers):
         new_leaves[layer.kernel] = cur[i]
         if layer.bias is not None:
             new_leaves[layer.bias] = bias_cur[i].astype(bias_dtypes[i])

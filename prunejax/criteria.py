@@ -27,6 +27,7 @@ from prunejax._util import (
     Where,
     check_same_structure,
     find_instances,
+    find_state,
     flatten,
     is_jax,
     select,
@@ -196,8 +197,8 @@ def movement(*, scale: float = 1.0) -> optax.GradientTransformation:
     a weight is ``-sum_t (dL/dw)_t * w_t``; it grows for weights that training pushes away from
     zero.  The transformation passes the updates through unchanged, so put it FIRST in a chain,
     where the updates are still the raw gradients: ``optax.chain(movement(), optax.adam(1e-3))``
-    (or inside :func:`prunejax.optim.masked`).  Read the scores with :func:`movement_scores` and
-    build masks with :func:`movement_masks`.
+    (or inside :func:`prunejax.transforms.masked`).  Read the scores with
+    :func:`movement_scores` and build masks with :func:`movement_masks`.
 
     Args:
       scale: multiplier of each step's contribution (Sanh et al. use the learning rate).
@@ -234,16 +235,16 @@ def movement(*, scale: float = 1.0) -> optax.GradientTransformation:
 def movement_scores(opt_state: Any) -> PyTree:
     """The movement scores held in an optimizer state that contains :func:`movement`.
 
+    Args:
+      opt_state: the state (possibly inside ``optax.chain``).
+
+    Returns:
+      The float32 scores pytree ``-scale * sum_t w_t * g_t``, with the params' structure.
+
     Raises:
       ValueError: ``opt_state`` holds no (or more than one) movement state.
     """
-    found = find_instances(opt_state, MovementState)
-    if len(found) != 1:
-        raise ValueError(
-            f"opt_state holds {len(found)} movement states, expected exactly one "
-            "(build the optimizer with movement())"
-        )
-    return found[0].scores
+    return find_state(opt_state, MovementState, what="movement", build="movement()").scores
 
 
 def movement_masks(
@@ -265,13 +266,6 @@ def movement_masks(
     Returns:
       Boolean masks (True = kept) with the structure of the params.
     """
-    if _holds_movement(scores):
+    if find_instances(scores, MovementState):
         scores = movement_scores(scores)
     return score_masks(scores, sparsity, scope=scope, where=where)
-
-
-def _holds_movement(tree: Any) -> bool:
-    if isinstance(tree, MovementState):
-        return True
-    nodes = jax.tree_util.tree_leaves(tree, is_leaf=lambda x: isinstance(x, MovementState))
-    return any(isinstance(x, MovementState) for x in nodes)

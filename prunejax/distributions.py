@@ -111,6 +111,26 @@ def _largest_remainder(ideal: np.ndarray, caps: np.ndarray, total: int) -> np.nd
     return base
 
 
+def _erk_density(
+    raw: np.ndarray, sizes: np.ndarray, saturated: np.ndarray, keep_total: int
+) -> np.ndarray:
+    """Per-layer density ``eps * raw`` with ``eps`` solved so the kept entries total
+    ``keep_total``; layers whose density would exceed 1 (and those already ``saturated``) are
+    made dense and ``eps`` is solved again over the others."""
+    while True:
+        free = ~saturated
+        budget = keep_total - int(sizes[saturated].sum())
+        denom = float(np.sum(raw[free] * sizes[free]))
+        if not free.any() or denom == 0.0:
+            return np.where(saturated, 1.0, 0.0)
+        eps = budget / denom
+        density = np.where(saturated, 1.0, eps * raw)
+        over = free & (density > 1.0)
+        if not over.any():
+            return density
+        saturated = saturated | over
+
+
 def erk_sparsity(
     params: PyTree,
     sparsity: float,
@@ -174,22 +194,7 @@ def erk_sparsity(
         )
         ** ps
     )
-    keep_total = total - n_prune
-    # iteratively solve eps, saturating layers whose density would exceed 1
-    saturated = is_dense | (sizes == 0)
-    while True:
-        free = ~saturated
-        budget = keep_total - int(sizes[saturated].sum())
-        denom = float(np.sum(raw[free] * sizes[free]))
-        if not free.any() or denom == 0.0:
-            density = np.where(saturated, 1.0, 0.0)
-            break
-        eps = budget / denom
-        density = np.where(saturated, 1.0, eps * raw)
-        over = free & (density > 1.0)
-        if not over.any():
-            break
-        saturated = saturated | over
+    density = _erk_density(raw, sizes, is_dense | (sizes == 0), total - n_prune)
     ideal_pruned = sizes * (1.0 - density)
     caps = np.where(is_dense, 0, sizes)
     ideal_pruned = np.clip(ideal_pruned, 0.0, caps.astype(np.float64))
@@ -267,6 +272,11 @@ def pruned_counts(params: PyTree, sparsity: Any, *, where: Where | None = None) 
     """The number of entries each selected leaf prunes at ``sparsity`` (a number or a map).
 
     Uses the builders' rule ``round(s * n)`` (half-to-even); leaves a map does not name prune 0.
+
+    Args:
+      params: any pytree of arrays (shapes are used, values are not).
+      sparsity: a fraction in ``[0, 1]`` or a per-leaf mapping of them.
+      where: ``(path, leaf) -> bool`` selecting leaves (default: ``ndim >= 2``).
 
     Returns:
       ``{path: count}`` for every selected leaf.

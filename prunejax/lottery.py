@@ -8,8 +8,8 @@ Mode Connectivity and the Lottery Ticket Hypothesis", rewind to the weights of a
 a random re-initialisation (:func:`random_reinit`).
 
 Everything here is a pure function of pytrees; the training itself is the caller's
-``train_fn(params, masks) -> params`` (for instance :func:`prunejax.train.fit` with
-:func:`prunejax.optim.masked`).
+``train_fn(params, masks) -> params``, for instance the MNIST app's :func:`prunejax.fit` with
+:func:`prunejax.transforms.masked`.
 """
 
 from __future__ import annotations
@@ -151,7 +151,7 @@ def lottery_ticket(
 
     Args:
       train_fn: ``(params, masks) -> trained params``; it must keep pruned entries at zero
-        (e.g. train with :func:`prunejax.optim.masked`).
+        (e.g. train with :func:`prunejax.transforms.masked`).
       rewind_params: the rewind point: the initial params, or those of an early step ``k``
         (late rewinding; record them during the dense training and pass that training's result
         as ``trained_params``).

@@ -39,6 +39,7 @@ from prunejax._util import (
     check_block,
     check_finite,
     check_fraction,
+    check_int,
     check_same_structure,
     dense_layers,
     dtype_of,
@@ -91,8 +92,19 @@ def _keep_lowest_k_jax(scores: jax.Array, k: jax.Array) -> jax.Array:
     return ranks >= k
 
 
-def _keep_lowest_k(scores: Any, k: Any, use_jax: bool) -> Any:
-    """Boolean mask over a flat score vector: False for the ``k`` smallest, ties by index."""
+def keep_lowest_k(scores: Any, k: Any, use_jax: bool) -> Any:
+    """Boolean mask over a flat score vector: False for the ``k`` smallest, ties by index.
+
+    The ranking core of every builder (and of dynamic sparse training's drop and grow).
+
+    Args:
+      scores: a 1-D array of scores.
+      k: how many entries to prune (an int, or a traced int32 with ``use_jax``).
+      use_jax: compute with JAX (jit-compatible, traced ``k`` allowed) instead of NumPy.
+
+    Returns:
+      A 1-D boolean array, False at the ``k`` lowest scores (lower index first among ties).
+    """
     n = scores.shape[0]
     if use_jax:
         return _keep_lowest_k_jax(scores, jnp.asarray(k, jnp.int32))
@@ -184,7 +196,7 @@ def magnitude_masks(
         def build(i: int, leaf: Any, s: Any) -> Any:
             scores = _abs_scores(leaf, use_jax)
             k = _num_pruned(s, scores.shape[0], use_jax)
-            return _keep_lowest_k(scores, k, use_jax).reshape(np.shape(leaf))
+            return keep_lowest_k(scores, k, use_jax).reshape(np.shape(leaf))
 
         return _per_leaf_masks(treedef, leaves, values, use_jax, build)
 
@@ -201,7 +213,7 @@ def magnitude_masks(
         flat = [_abs_scores(leaves[i], use_jax).astype(np.float64) for i in chosen]
     scores = xp.concatenate(flat)
     k = _num_pruned(sparsity, scores.shape[0], use_jax)
-    keep = _keep_lowest_k(scores, k, use_jax)
+    keep = keep_lowest_k(scores, k, use_jax)
     out = [_ones_like(leaf, use_jax) for leaf in leaves]
     offset = 0
     for i in chosen:
@@ -257,7 +269,7 @@ def unit_masks(
         w = xp.asarray(leaf).astype(_score_dtype(leaf))
         norms = xp.linalg.norm(w, ord=ord, axis=0)
         k = _num_pruned(s, norms.shape[0], use_jax)
-        cols = _keep_lowest_k(norms, k, use_jax)
+        cols = keep_lowest_k(norms, k, use_jax)
         out[i] = xp.broadcast_to(cols[None, :], np.shape(leaf))
         b = bias_of.get(i)
         if b is not None and not selected[b]:
@@ -336,11 +348,8 @@ def nm_masks(
     Returns:
       A pytree of boolean masks (True = kept), exactly ``n`` True per group.
     """
-    for name, v in (("n", n), ("m", m)):
-        if isinstance(v, bool) or not isinstance(v, int | np.integer):
-            raise TypeError(f"{name} must be an int, got {type(v).__name__}")
-    if m < 1:
-        raise ValueError(f"m must be >= 1, got {m}")
+    check_int(n, name="n")
+    check_int(m, name="m", minimum=1)
     if not 0 <= n <= m:
         raise ValueError(f"n must be in [0, m] = [0, {m}], got n={n}")
     paths, leaves, treedef, selected = _validated(params, where)
@@ -422,7 +431,7 @@ def block_masks(
         blocks = w.reshape(r // bh, bh, c // bw, bw)
         norms = xp.sqrt(xp.sum(blocks * blocks, axis=(1, 3))).reshape(-1)
         k = _num_pruned(s, norms.shape[0], use_jax)
-        keep = _keep_lowest_k(norms, k, use_jax).reshape(r // bh, c // bw)
+        keep = keep_lowest_k(norms, k, use_jax).reshape(r // bh, c // bw)
         return xp.repeat(xp.repeat(keep, bh, axis=0), bw, axis=1)
 
     return _per_leaf_masks(treedef, leaves, values, use_jax, build)
@@ -458,7 +467,7 @@ def random_masks(
     def build(i: int, leaf: Any, s: Any) -> Any:
         size = int(np.prod(np.shape(leaf), dtype=np.int64))
         scores = jax.random.uniform(jax.random.fold_in(key, i), (size,))
-        keep = _keep_lowest_k(scores, _num_pruned(s, size, True), True).reshape(np.shape(leaf))
+        keep = keep_lowest_k(scores, _num_pruned(s, size, True), True).reshape(np.shape(leaf))
         return keep if use_jax else np.asarray(keep)
 
     return _per_leaf_masks(treedef, leaves, values, use_jax, build)

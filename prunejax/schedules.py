@@ -15,7 +15,8 @@ from collections.abc import Callable
 from typing import Any
 
 import jax.numpy as jnp
-import numpy as np
+
+from prunejax._util import check_int
 
 __all__ = [
     "SparsitySchedule",
@@ -38,15 +39,6 @@ def _check_fraction(value: Any, name: str) -> float:
     if math.isnan(f) or not 0.0 <= f <= 1.0:
         raise ValueError(f"{name} must be in [0, 1], got {value!r}")
     return f
-
-
-def _check_step(value: Any, name: str, *, minimum: int = 0) -> int:
-    if isinstance(value, bool) or not isinstance(value, int | np.integer):
-        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
-    value = int(value)
-    if value < minimum:
-        raise ValueError(f"{name} must be >= {minimum}, got {value}")
-    return value
 
 
 def constant_sparsity(sparsity: float) -> SparsitySchedule:
@@ -77,7 +69,7 @@ def one_shot_sparsity(sparsity: float, step: int = 0) -> SparsitySchedule:
       A schedule ``t -> 0 if t < step else sparsity`` (float32 JAX scalar).
     """
     s = _check_fraction(sparsity, "sparsity")
-    at = _check_step(step, "step")
+    at = check_int(step, name="step", minimum=0)
 
     def schedule(t: Any) -> Any:
         t = jnp.asarray(t)
@@ -122,8 +114,8 @@ def polynomial_sparsity(
             f"final sparsity ({final!r}) must be >= initial sparsity ({initial!r}): "
             "a pruning schedule does not regrow weights"
         )
-    t0 = _check_step(begin_step, "begin_step")
-    t1 = _check_step(end_step, "end_step")
+    t0 = check_int(begin_step, name="begin_step", minimum=0)
+    t1 = check_int(end_step, name="end_step", minimum=0)
     if t1 <= t0:
         raise ValueError(f"end_step ({t1}) must be greater than begin_step ({t0})")
     try:
@@ -167,7 +159,7 @@ def iterative_sparsity(
     Returns:
       A tuple of ``R`` sparsities, non-decreasing, one per round (round 1 first).
     """
-    r = _check_step(rounds, "rounds", minimum=1)
+    r = check_int(rounds, name="rounds", minimum=1)
     if per_round is not None and final is not None:
         raise ValueError("give per_round or final, not both")
     if final is not None:

@@ -5,8 +5,8 @@ import optax
 import pytest
 
 from prunejax.distributions import erk_sparsity
-from prunejax.dst import cosine_drop_fraction, dst_masks, dynamic_sparse, rigl, set_sparse
 from prunejax.masks import apply_masks
+from prunejax.transforms import cosine_drop_fraction, dst_masks, dynamic_sparse, rigl, set_sparse
 
 SHAPES = [(24, 16), (16, 8), (8, 3)]
 

@@ -5,14 +5,14 @@ import optax
 import pytest
 
 from prunejax.masks import apply_masks, magnitude_masks
-from prunejax.optim import (
+from prunejax.schedules import polynomial_sparsity
+from prunejax.transforms import (
     current_masks,
     current_sparsity,
     mask_state,
     masked,
     pruning,
 )
-from prunejax.schedules import polynomial_sparsity
 
 
 def _params(seed=0):

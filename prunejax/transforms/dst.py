@@ -11,9 +11,9 @@ dropped and the same number of inactive connections is grown.
   Winners": drop by magnitude, grow where the dense gradient is largest, with a cosine-decayed
   drop fraction.
 
-Both wrap an inner optimizer and are plain ``optax.GradientTransformation`` objects; the update
-does everything, no hook is called between steps.  The masks live in the optimizer state as a
-boolean pytree with the params' structure; read them with :func:`dst_masks`.
+Both wrap an inner optimizer; the update does everything, no hook is called between steps.  The
+masks live in the optimizer state as a boolean pytree with the params' structure; read them with
+:func:`dst_masks`.
 
 Guarantees, at every step and for every pruned leaf (tested):
 
@@ -33,7 +33,7 @@ exactly sparse params use ``apply_masks(params, dst_masks(tx.init(params)))``.
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, TypedDict, Unpack
 
 import jax
 import jax.numpy as jnp
@@ -45,12 +45,19 @@ from prunejax._util import (
     Where,
     check_fraction,
     check_same_structure,
-    find_instances,
+    find_state,
     flatten,
+    is_int,
     select,
 )
-from prunejax.masks import _keep_lowest_k, random_masks
-from prunejax.optim import mask_state, updates_to_pruned_zero, zero_where_pruned
+from prunejax.masks import keep_lowest_k, random_masks
+from prunejax.transforms.masked import (
+    as_bool_masks,
+    check_inner,
+    mask_state,
+    updates_to_pruned_zero,
+    zero_where_pruned,
+)
 
 __all__ = [
     "DSTState",
@@ -89,7 +96,7 @@ def cosine_drop_fraction(drop_fraction: float, t_end: int) -> Callable[[Any], An
       ``step -> fraction`` (float32 JAX scalar), usable on traced steps.
     """
     a = float(check_fraction(drop_fraction, name="drop_fraction"))
-    if isinstance(t_end, bool) or not isinstance(t_end, int | np.integer) or t_end < 1:
+    if not is_int(t_end) or t_end < 1:
         raise ValueError(f"t_end must be an int >= 1, got {t_end!r}")
     t_end = int(t_end)
 
@@ -101,7 +108,7 @@ def cosine_drop_fraction(drop_fraction: float, t_end: int) -> Callable[[Any], An
 
 
 def _as_key(seed: Any) -> jax.Array:
-    if isinstance(seed, int | np.integer) and not isinstance(seed, bool):
+    if is_int(seed):
         return jax.random.PRNGKey(int(seed))
     arr = seed
     if isinstance(arr, jax.Array) and jnp.issubdtype(arr.dtype, jax.dtypes.prng_key):
@@ -110,6 +117,24 @@ def _as_key(seed: Any) -> jax.Array:
     if arr.dtype != jnp.uint32 or arr.shape != (2,):
         raise TypeError("seed must be an int or a jax.random key")
     return arr
+
+
+def _drop_fraction_fn(
+    drop_fraction: float | Callable[[Any], Any], drop_schedule: str, t_end: int
+) -> Callable[[Any], Any]:
+    """``step -> fraction``: the callable itself, or the named schedule of a number."""
+    if callable(drop_fraction):
+        return drop_fraction
+    a = float(check_fraction(drop_fraction, name="drop_fraction"))
+    if drop_schedule == "cosine":
+        return cosine_drop_fraction(a, t_end)
+    if drop_schedule == "constant":
+
+        def frac_fn(step: Any) -> Any:
+            return jnp.full((), a, jnp.float32) + 0.0 * jnp.asarray(step, jnp.float32)
+
+        return frac_fn
+    raise ValueError(f"drop_schedule must be 'cosine' or 'constant', got {drop_schedule!r}")
 
 
 def dynamic_sparse(
@@ -160,31 +185,30 @@ def dynamic_sparse(
       ValueError/TypeError: bad arguments; at ``init``, masks that do not match the params;
         ``update`` without ``params``.
     """
-    if not isinstance(inner, optax.GradientTransformation):
-        raise TypeError(f"inner must be an optax.GradientTransformation, got {type(inner)!r}")
+    check_inner(inner)
     if grow not in ("random", "gradient"):
         raise ValueError(f"grow must be 'random' or 'gradient', got {grow!r}")
     for name, v in (("delta_t", delta_t), ("t_end", t_end)):
-        if isinstance(v, bool) or not isinstance(v, int | np.integer) or v < 1:
+        if not is_int(v) or v < 1:
             raise ValueError(f"{name} must be an int >= 1, got {v!r}")
     delta_t, t_end = int(delta_t), int(t_end)
     if (sparsity is None) == (initial_masks is None):
         raise ValueError("give exactly one of sparsity and initial_masks")
-    if callable(drop_fraction):
-        frac_fn = drop_fraction
-    else:
-        a = float(check_fraction(drop_fraction, name="drop_fraction"))
-        if drop_schedule == "cosine":
-            frac_fn = cosine_drop_fraction(a, t_end)
-        elif drop_schedule == "constant":
-
-            def frac_fn(step: Any) -> Any:
-                return jnp.full((), a, jnp.float32) + 0.0 * jnp.asarray(step, jnp.float32)
-
-        else:
-            raise ValueError(f"drop_schedule must be 'cosine' or 'constant', got {drop_schedule!r}")
+    frac_fn = _drop_fraction_fn(drop_fraction, drop_schedule, t_end)
     key0 = _as_key(seed)
+    return optax.GradientTransformation(
+        _dst_init(inner, sparsity, initial_masks, where, key0),
+        _dst_update(inner, grow, delta_t, t_end, frac_fn, where),
+    )
 
+
+def _dst_init(
+    inner: optax.GradientTransformation,
+    sparsity: Any,
+    initial_masks: PyTree | None,
+    where: Where | None,
+    key0: jax.Array,
+) -> Callable[[PyTree], DSTState]:
     def init_fn(params: PyTree) -> DSTState:
         flatten(params)  # validates the params tree
         if initial_masks is None:
@@ -192,7 +216,7 @@ def dynamic_sparse(
         else:
             check_same_structure(params, initial_masks, what="initial_masks")
             masks = initial_masks
-        masks = jax.tree_util.tree_map(lambda m: jnp.asarray(m, jnp.bool_), masks)
+        masks = as_bool_masks(masks)
         return DSTState(
             count=jnp.zeros((), jnp.int32),
             masks=masks,
@@ -200,41 +224,69 @@ def dynamic_sparse(
             inner_state=mask_state(inner.init(params), masks),
         )
 
-    def topology(
-        params: PyTree, grads: PyTree, masks: PyTree, t: jax.Array, key: jax.Array
-    ) -> tuple[PyTree, PyTree]:
-        paths, leaves, treedef = flatten(params)
-        sel = select(paths, leaves, where)
-        gleaves = jax.tree_util.tree_leaves(grads)
-        mleaves = jax.tree_util.tree_leaves(masks)
-        frac = jnp.asarray(frac_fn(t), jnp.float32)
-        new_masks, grown = [], []
-        for i, (w, g, m, s) in enumerate(zip(leaves, gleaves, mleaves, sel, strict=True)):
-            if not s or np.size(w) == 0:
-                new_masks.append(m)
-                grown.append(jnp.zeros(jnp.shape(m), jnp.bool_))
-                continue
-            shape = jnp.shape(w)
-            mf = m.reshape(-1)
-            n_active = jnp.sum(mf, dtype=jnp.int32)
-            k = jnp.round(frac * n_active.astype(jnp.float32)).astype(jnp.int32)
-            k = jnp.clip(k, 0, n_active)
-            absw = jnp.abs(jnp.asarray(w, jnp.float32)).reshape(-1)
-            drop_score = jnp.where(mf, absw, jnp.inf)
-            after = mf & _keep_lowest_k(drop_score, k, True)
-            if grow == "gradient":
-                score = jnp.abs(jnp.asarray(g, jnp.float32)).reshape(-1)
-            else:
-                score = jax.random.uniform(jax.random.fold_in(key, i), (mf.shape[0],))
-            neg = jnp.where(after, jnp.inf, -score)
-            new_grown = ~_keep_lowest_k(neg, k, True)
-            new_masks.append((after | new_grown).reshape(shape))
-            grown.append(new_grown.reshape(shape))
-        return (
-            jax.tree_util.tree_unflatten(treedef, new_masks),
-            jax.tree_util.tree_unflatten(treedef, grown),
-        )
+    return init_fn
 
+
+def _regrow_leaf(
+    w: Any, g: Any, m: Any, frac: jax.Array, grow: str, key: jax.Array, i: int
+) -> tuple[jax.Array, jax.Array]:
+    """One leaf's drop and grow: ``(new mask, grown entries)``, both of ``w``'s shape."""
+    shape = jnp.shape(w)
+    mf = m.reshape(-1)
+    n_active = jnp.sum(mf, dtype=jnp.int32)
+    k = jnp.round(frac * n_active.astype(jnp.float32)).astype(jnp.int32)
+    k = jnp.clip(k, 0, n_active)
+    absw = jnp.abs(jnp.asarray(w, jnp.float32)).reshape(-1)
+    drop_score = jnp.where(mf, absw, jnp.inf)
+    after = mf & keep_lowest_k(drop_score, k, True)
+    if grow == "gradient":
+        score = jnp.abs(jnp.asarray(g, jnp.float32)).reshape(-1)
+    else:
+        score = jax.random.uniform(jax.random.fold_in(key, i), (mf.shape[0],))
+    neg = jnp.where(after, jnp.inf, -score)
+    new_grown = ~keep_lowest_k(neg, k, True)
+    return (after | new_grown).reshape(shape), new_grown.reshape(shape)
+
+
+def _topology(
+    params: PyTree,
+    grads: PyTree,
+    masks: PyTree,
+    frac_fn: Callable[[Any], Any],
+    t: jax.Array,
+    key: jax.Array,
+    grow: str,
+    where: Where | None,
+) -> tuple[PyTree, PyTree]:
+    """The masks after one drop-and-grow step, and the entries grown by it."""
+    paths, leaves, treedef = flatten(params)
+    sel = select(paths, leaves, where)
+    gleaves = jax.tree_util.tree_leaves(grads)
+    mleaves = jax.tree_util.tree_leaves(masks)
+    frac = jnp.asarray(frac_fn(t), jnp.float32)
+    new_masks, grown = [], []
+    for i, (w, g, m, s) in enumerate(zip(leaves, gleaves, mleaves, sel, strict=True)):
+        if not s or np.size(w) == 0:
+            new_masks.append(m)
+            grown.append(jnp.zeros(jnp.shape(m), jnp.bool_))
+            continue
+        new_mask, new_grown = _regrow_leaf(w, g, m, frac, grow, key, i)
+        new_masks.append(new_mask)
+        grown.append(new_grown)
+    return (
+        jax.tree_util.tree_unflatten(treedef, new_masks),
+        jax.tree_util.tree_unflatten(treedef, grown),
+    )
+
+
+def _dst_update(
+    inner: optax.GradientTransformation,
+    grow: str,
+    delta_t: int,
+    t_end: int,
+    frac_fn: Callable[[Any], Any],
+    where: Where | None,
+) -> Callable[..., tuple[PyTree, DSTState]]:
     def update_fn(
         updates: PyTree, state: DSTState, params: PyTree | None = None
     ) -> tuple[PyTree, DSTState]:
@@ -245,7 +297,7 @@ def dynamic_sparse(
         step_key = jax.random.fold_in(state.key, t)
 
         def change(_: None) -> tuple[PyTree, PyTree]:
-            return topology(params, updates, state.masks, t, step_key)
+            return _topology(params, updates, state.masks, frac_fn, t, step_key, grow, where)
 
         def keep(_: None) -> tuple[PyTree, PyTree]:
             return state.masks, jax.tree_util.tree_map(jnp.zeros_like, state.masks)
@@ -262,7 +314,18 @@ def dynamic_sparse(
             count=t + 1, masks=masks, key=state.key, inner_state=inner_state
         )
 
-    return optax.GradientTransformation(init_fn, update_fn)
+    return update_fn
+
+
+class DSTOptions(TypedDict, total=False):
+    """The keyword arguments that :func:`set_sparse` and :func:`rigl` pass on to
+    :func:`dynamic_sparse` (documented there)."""
+
+    drop_fraction: float | Callable[[Any], Any]
+    drop_schedule: str
+    initial_masks: PyTree | None
+    where: Where | None
+    seed: Any
 
 
 def set_sparse(
@@ -271,11 +334,7 @@ def set_sparse(
     *,
     delta_t: int,
     t_end: int,
-    drop_fraction: float | Callable[[Any], Any] = 0.3,
-    drop_schedule: str = "constant",
-    initial_masks: PyTree | None = None,
-    where: Where | None = None,
-    seed: Any = 0,
+    **options: Unpack[DSTOptions],
 ) -> optax.GradientTransformation:
     """SET: Sparse Evolutionary Training (Mocanu et al. 2018).
 
@@ -285,24 +344,16 @@ def set_sparse(
     for the exact rules and guarantees.
 
     Args:
-      inner, sparsity, delta_t, t_end, drop_fraction, drop_schedule, initial_masks, where, seed:
-        as in :func:`dynamic_sparse`.
+      inner, sparsity, delta_t, t_end: as in :func:`dynamic_sparse`.
+      **options: ``drop_fraction`` (``zeta``, default 0.3), ``drop_schedule`` (default
+        ``"constant"``, SET's), ``initial_masks``, ``where``, ``seed`` (it also drives the random
+        growth): as in :func:`dynamic_sparse`.
 
     Returns:
       An ``optax.GradientTransformation`` whose state is a :class:`DSTState`.
     """
-    return dynamic_sparse(
-        inner,
-        sparsity,
-        grow="random",
-        delta_t=delta_t,
-        t_end=t_end,
-        drop_fraction=drop_fraction,
-        drop_schedule=drop_schedule,
-        initial_masks=initial_masks,
-        where=where,
-        seed=seed,
-    )
+    options.setdefault("drop_schedule", "constant")
+    return dynamic_sparse(inner, sparsity, grow="random", delta_t=delta_t, t_end=t_end, **options)
 
 
 def rigl(
@@ -311,11 +362,7 @@ def rigl(
     *,
     delta_t: int,
     t_end: int,
-    drop_fraction: float | Callable[[Any], Any] = 0.3,
-    drop_schedule: str = "cosine",
-    initial_masks: PyTree | None = None,
-    where: Where | None = None,
-    seed: Any = 0,
+    **options: Unpack[DSTOptions],
 ) -> optax.GradientTransformation:
     """RigL: Rigging the Lottery (Evci et al. 2020).
 
@@ -328,24 +375,15 @@ def rigl(
     rules and guarantees.
 
     Args:
-      inner, sparsity, delta_t, t_end, drop_fraction, drop_schedule, initial_masks, where, seed:
+      inner, sparsity, delta_t, t_end: as in :func:`dynamic_sparse`.
+      **options: ``drop_fraction`` (``alpha``, default 0.3), ``drop_schedule`` (default
+        ``"cosine"``, RigL's decay to 0 at ``t_end``), ``initial_masks``, ``where``, ``seed``:
         as in :func:`dynamic_sparse`.
 
     Returns:
       An ``optax.GradientTransformation`` whose state is a :class:`DSTState`.
     """
-    return dynamic_sparse(
-        inner,
-        sparsity,
-        grow="gradient",
-        delta_t=delta_t,
-        t_end=t_end,
-        drop_fraction=drop_fraction,
-        drop_schedule=drop_schedule,
-        initial_masks=initial_masks,
-        where=where,
-        seed=seed,
-    )
+    return dynamic_sparse(inner, sparsity, grow="gradient", delta_t=delta_t, t_end=t_end, **options)
 
 
 def dst_masks(opt_state: Any) -> PyTree:
@@ -360,10 +398,5 @@ def dst_masks(opt_state: Any) -> PyTree:
     Raises:
       ValueError: ``opt_state`` holds no (or more than one) dynamic-sparse state.
     """
-    found = find_instances(opt_state, DSTState)
-    if len(found) != 1:
-        raise ValueError(
-            f"opt_state holds {len(found)} dynamic-sparse states, expected exactly one "
-            "(build the optimizer with set_sparse() or rigl())"
-        )
-    return found[0].masks
+    state = find_state(opt_state, DSTState, what="dynamic-sparse", build="set_sparse() or rigl()")
+    return state.masks

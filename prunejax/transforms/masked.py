@@ -1,0 +1,167 @@
+"""Training with fixed masks, and the masking helpers every transformation here shares.
+
+:func:`masked` wraps any optimizer so that, for FIXED masks, the updates are zero at pruned
+entries AND the optimizer state (Adam moments, momentum traces, anything with the params'
+structure) is kept zero there.  Pruned weights that start at zero stay exactly zero; a weight
+that is regrown later starts with clean moments.
+
+Note: ``optax.masked`` is a different thing (it selects which *leaves* an optimizer applies to);
+these transformations mask individual *entries*.
+"""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from prunejax._util import PyTree, check_same_structure
+
+__all__ = ["MaskedState", "masked", "mask_state"]
+
+
+def check_inner(inner: Any) -> None:
+    """Check the optimizer a transformation here wraps.
+
+    Args:
+      inner: the wrapped optimizer.
+
+    Raises:
+      TypeError: ``inner`` is not an ``optax.GradientTransformation``.
+    """
+    if not isinstance(inner, optax.GradientTransformation):
+        raise TypeError(f"inner must be an optax.GradientTransformation, got {type(inner)!r}")
+
+
+def as_bool_masks(masks: PyTree) -> PyTree:
+    """Masks as JAX booleans.
+
+    Args:
+      masks: a pytree of mask arrays (NumPy or JAX).
+
+    Returns:
+      The same tree with every leaf a JAX boolean array.
+    """
+    return jax.tree_util.tree_map(lambda m: jnp.asarray(m, jnp.bool_), masks)
+
+
+def zero_where_pruned(tree: PyTree, masks: PyTree) -> PyTree:
+    """Zero a params-shaped tree (gradients, updates, a moment) at pruned entries.
+
+    Args:
+      tree: a pytree with the masks' structure.
+      masks: boolean masks (True = kept).
+
+    Returns:
+      ``where(mask, x, 0)`` leaf by leaf.
+    """
+    return jax.tree_util.tree_map(lambda x, m: jnp.where(m, x, jnp.zeros_like(x)), tree, masks)
+
+
+def updates_to_pruned_zero(updates: PyTree, params: PyTree, masks: PyTree) -> PyTree:
+    """Updates that leave every pruned weight exactly zero after ``optax.apply_updates``.
+
+    Args:
+      updates: the inner optimizer's updates.
+      params: the current params.
+      masks: boolean masks (True = kept).
+
+    Returns:
+      ``updates`` at kept entries and ``-param`` at pruned ones, so that ``params + updates``
+      is exactly zero there (``p + (-p) == 0`` in IEEE arithmetic).
+    """
+    return jax.tree_util.tree_map(
+        lambda u, p, m: jnp.where(m, u, (jnp.zeros_like(p) - p).astype(u.dtype)),
+        updates,
+        params,
+        masks,
+    )
+
+
+def mask_state(state: Any, masks: PyTree) -> Any:
+    """Zero every optimizer-state subtree that has the params' structure, at pruned entries.
+
+    A subtree is "per-parameter" (Adam's ``mu``/``nu``, a momentum trace, ...) when its tree
+    structure equals the masks' and every leaf has the mask leaf's shape; scalars such as step
+    counts and unrelated leaves are left untouched.
+
+    Args:
+      state: any optax state.
+      masks: boolean pytree (True = kept) with the params' structure.
+
+    Returns:
+      The state with per-parameter subtrees zeroed where the masks are False.
+    """
+    mask_def = jax.tree_util.tree_structure(masks)
+    mask_leaves = jax.tree_util.tree_leaves(masks)
+
+    def like_params(x: Any) -> bool:
+        if jax.tree_util.tree_structure(x) != mask_def:
+            return False
+        leaves = jax.tree_util.tree_leaves(x)
+        return all(
+            hasattr(a, "shape") and tuple(a.shape) == tuple(np.shape(m))
+            for a, m in zip(leaves, mask_leaves, strict=True)
+        )
+
+    def fix(x: Any) -> Any:
+        return zero_where_pruned(x, masks) if like_params(x) else x
+
+    return jax.tree_util.tree_map(fix, state, is_leaf=like_params)
+
+
+class MaskedState(NamedTuple):
+    """State of :func:`masked`: the wrapped optimizer's state (zero at pruned entries)."""
+
+    inner_state: Any
+
+
+def masked(inner: optax.GradientTransformation, masks: PyTree) -> optax.GradientTransformation:
+    """Train with fixed masks: updates and optimizer state are zero at pruned entries.
+
+    The incoming gradients are zeroed at pruned entries before ``inner`` sees them, and
+    ``inner``'s updates are zeroed there again (weight decay, for instance, adds a multiple of
+    the params).  Every per-parameter leaf of ``inner``'s state is zeroed at pruned entries at
+    ``init``; from then on gradient statistics (Adam's moments, momentum) stay exactly zero there
+    because they only ever accumulate zero gradients.  (State computed from the params rather
+    than the gradients is not re-zeroed each step; :func:`mask_state` does that on demand.)  Params
+    that are zero at pruned entries (``apply_masks(params, masks)``) therefore stay exactly zero.
+    This is the masked retraining of Han et al. (2015), "Learning both Weights and Connections for
+    Efficient Neural Networks".
+
+    Put ``masked`` outermost, around the whole optimizer including weight decay (see
+    :mod:`prunejax.transforms`): ``masked(optax.adamw(1e-3, weight_decay=1e-4), masks)``.
+
+    Args:
+      inner: the optimizer to wrap (any ``optax.GradientTransformation``).
+      masks: boolean pytree with the params' structure (True = kept), NumPy or JAX.
+
+    Returns:
+      An ``optax.GradientTransformation`` whose state is a :class:`MaskedState`.
+
+    Raises:
+      ValueError/TypeError (at ``init``): the masks do not match the params leaf for leaf, or
+        are not boolean.
+    """
+    check_inner(inner)
+    masks = jax.tree_util.tree_map(jnp.asarray, masks)
+
+    def init_fn(params: PyTree) -> MaskedState:
+        check_same_structure(params, masks, what="masks")
+        return MaskedState(mask_state(inner.init(params), masks))
+
+    def update_fn(
+        updates: PyTree, state: MaskedState, params: PyTree | None = None
+    ) -> tuple[PyTree, MaskedState]:
+        # The inner optimizer only ever sees zero gradients at pruned entries, so gradient
+        # statistics that start at zero (Adam's moments, momentum traces) stay exactly zero
+        # there without re-masking the state every step (which cost ~6% of a LeNet step).
+        updates = zero_where_pruned(updates, masks)
+        new_updates, inner_state = inner.update(updates, state.inner_state, params)
+        new_updates = zero_where_pruned(new_updates, masks)
+        return new_updates, MaskedState(inner_state)
+
+    return optax.GradientTransformation(init_fn, update_fn)
