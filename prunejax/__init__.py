@@ -18,7 +18,7 @@ import importlib
 from typing import Any
 
 from prunejax._util import DenseLayer, dense_layers
-from prunejax._version import __version__
+from prunejax._version import __version__ as __version__
 from prunejax.compact import Compacted, compact, compaction_plan
 from prunejax.criteria import (
     MovementState,
