@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
+import functools
 import os
 import platform
 import shutil
@@ -46,7 +47,15 @@ from prunejax.sparse import gpu as pgpu
 
 FULL = {
     "models": {"wide": (4096, 4096, 4096, 4096), "lenet": (784, 300, 100, 10)},
-    "patterns": {"wide": ("block16", "unstructured", "2:4"), "lenet": ("unstructured", "2:4")},
+    # sections in order of importance: the time budget cuts the last ones
+    "order": (
+        ("wide", "block16"),
+        "crossover",
+        ("wide", "unstructured"),
+        ("lenet", "unstructured"),
+        ("wide", "2:4"),
+        ("lenet", "2:4"),
+    ),
     "batches": (1, 32, 256, 4096),
     "layer": 4096,
     "sparsities": (0.5, 0.8, 0.9, 0.95, 0.98, 0.99),
@@ -54,7 +63,12 @@ FULL = {
 }
 QUICK = {
     "models": {"wide": (256, 256, 256, 256), "lenet": (784, 300, 100, 10)},
-    "patterns": {"wide": ("block16", "unstructured"), "lenet": ("unstructured",)},
+    "order": (
+        ("wide", "block16"),
+        "crossover",
+        ("wide", "unstructured"),
+        ("lenet", "unstructured"),
+    ),
     "batches": (1, 32),
     "layer": 256,
     "sparsities": (0.5, 0.9, 0.99),
@@ -297,10 +311,13 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--out", required=True, help="folder for results_gpu.json and RESULTS_GPU.md")
     ap.add_argument("--quick", action="store_true", help="small shapes, few cells (smoke run)")
     ap.add_argument(
-        "--budget-s", type=float, default=None, help="whole run (default 340; quick 150)"
+        "--budget-s", type=float, default=None, help="whole run (default 345; quick 150)"
     )
     ap.add_argument(
-        "--pytest-s", type=float, default=100.0, help="seconds kept for pytest (0: skip)"
+        "--pytest-s",
+        type=float,
+        default=None,
+        help="seconds kept for pytest at the end (default 110; quick 0 = skip)",
     )
     ap.add_argument(
         "--cell-s", type=float, default=None, help="timed rounds per cell (default 1.0)"
@@ -318,7 +335,9 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     a = parse(argv)
     cfg = QUICK if a.quick else FULL
-    budget = rep.Budget((a.budget_s or (150 if a.quick else 340)) - max(a.pytest_s, 0))
+    if a.pytest_s is None:
+        a.pytest_s = 0.0 if a.quick else 110.0
+    budget = rep.Budget((a.budget_s or (150 if a.quick else 345)) - max(a.pytest_s, 0))
     on_gpu = jax.default_backend() == "gpu"
     res: dict = {
         "mode": "quick" if a.quick else "full",
@@ -342,29 +361,18 @@ def main(argv: list[str] | None = None) -> int:
         "peak": res.get("info", {}).get("peak_bandwidth"),
     }
     section(res, "pallas checks", lambda: check_kernel(on_gpu, cfg["check_shape"]), "checks", a.out)
-    for model, dims in cfg["models"].items():
-        params = init_params(dims, seed=0)
-        for pattern in cfg["patterns"][model]:
-            masks = build_masks(params, pattern, 0.9)
-            pruned = apply_masks(params, masks)
-            for batch in cfg["batches"]:
-                section(
-                    res,
-                    f"{model} {pattern} b{batch}",
-                    lambda p=pruned, m=model, g=pattern, b=batch: cell_rows(
-                        m, g, p, b, ctx, budget
-                    ),
-                    "cells",
-                    a.out,
-                )
-    cross = rep.Budget(min(budget.left(), a.crossover_s))
-    section(
-        res,
-        "crossover",
-        lambda: layer_crossover(ctx, cross, cfg["layer"], cfg["sparsities"]),
-        "crossover",
-        a.out,
-    )
+    for group in cfg["order"]:
+        if group == "crossover":
+            cross = rep.Budget(min(budget.left(), a.crossover_s))
+            run = functools.partial(layer_crossover, ctx, cross, cfg["layer"], cfg["sparsities"])
+            section(res, "crossover", run, "crossover", a.out)
+            continue
+        model, pattern = group
+        params = init_params(cfg["models"][model], seed=0)
+        pruned = apply_masks(params, build_masks(params, pattern, 0.9))
+        for batch in cfg["batches"]:
+            run = functools.partial(cell_rows, model, pattern, pruned, batch, ctx, budget)
+            section(res, f"{model} {pattern} b{batch}", run, "cells", a.out)
     pytest_s = max(0.0, min(a.pytest_s, budget.left() + a.pytest_s)) if a.pytest_s > 0 else 0
     section(res, "pytest", lambda: run_pytest(pytest_s), "pytest", a.out)
     print(f"wrote {os.path.join(a.out, 'RESULTS_GPU.md')}", flush=True)

@@ -194,3 +194,28 @@ def test_options():
     assert (a.out, a.quick, a.pytest_s, a.max_call) == ("d", True, 0.0, 1.0)
     with pytest.raises(SystemExit):
         gb.parse([])  # --out is required
+
+
+def test_every_form_of_a_cell_builds_and_matches_dense():
+    """The cell's plumbing on a toy MLP, as on a GPU (Pallas off the GPU runs its fallback)."""
+    from benchmarks.workload import build_masks, init_params
+    from prunejax.masks import apply_masks
+
+    params = init_params((64, 48, 32, 16), seed=0)
+    pruned = apply_masks(params, build_masks(params, "block16", 0.75))
+    forms = gc.build_forms(pruned, 3, "block16", "NVIDIA H200", True, auto_runs=1)
+    names = [n for n, _ in forms]
+    assert names[0] == "dense" and "pallas_block" in names and "bcoo_cusparse" in names
+    ref = None
+    for name, thunk in forms:
+        f = thunk()
+        if ref is None:
+            gc.compile_form(f, 2**30)
+            ref = np.asarray(f.exe(f.params, f.x), np.float64)
+        row = gc.prepare(f, ref, 2**30, 1.0)
+        assert row["err"] <= gc.TOL["bfloat16" if "bf16" in name else "float32"], name
+        assert f.t1 > 0 and row["stored_bytes"] > 0
+    assert "Dense_0:" in f.note  # auto records its per-layer choice and times
+    skipped = dict(gc.build_forms(pruned, 1, "unstructured", "cpu", False, 1))
+    with pytest.raises(RuntimeError, match="skipped: no GPU"):
+        skipped["pallas_block"]()
