@@ -4,9 +4,9 @@ A cell is (model, pattern, batch); its forms run the same ``pj.mlp_apply`` forwa
 between layers) on: dense fp32 (the cuBLAS baseline), dense bf16, the compacted network
 (``pj.compact``), BCOO and BCSR-of-W.T-on-the-left with and without
 ``jax_bcoo_cusparse_lowering`` (set only while that form is lowered and compiled), the Pallas
-block kernel (fp32, bf16) and ``auto`` (per layer ``gpu_candidates`` + ``choose_gpu_format``);
-``dense_aa`` is dense again (own buffers and executable), an A/A control whose distance from
-1.00 is the cell's noise floor.
+block kernel (fp32, bf16; fp32 also unsplit and with 1 and 8 warps) and ``auto`` (per layer
+``gpu_candidates`` + ``choose_gpu_format``); ``dense_aa`` is dense again (own buffers and
+executable), an A/A control whose distance from 1.00 is the cell's noise floor.
 Every form's output is checked against dense before it is timed; a form that fails is recorded
 with its error and the cell goes on.
 """
@@ -117,20 +117,20 @@ def build_forms(
     def bcsr_t(_: str, w: np.ndarray) -> Any:
         return CsrKernel.fromdense(w, "bcsr_t")
 
-    def pallas(dtype: Any) -> Callable[[], Form]:
+    def pallas(name: str, dtype: Any, **config: Any) -> tuple[str, Callable[[], Form]]:
         def thunk() -> Form:
             if not on_gpu:
                 raise RuntimeError("skipped: no GPU (the Pallas kernel times only on a GPU)")
             if pattern != "block16":
                 raise RuntimeError("skipped: not block-structured (16x16 blocks store ~all of W)")
-            p = map_kernels(
-                pruned, lambda n, w: pgpu.PallasBlockKernel.fromdense(w.astype(dtype), (16, 16), n)
-            )
-            return Form(
-                f"pallas_block{'_bf16' if dtype == jnp.bfloat16 else ''}", p, x32.astype(dtype)
-            )
 
-        return thunk
+            def build(n: str, w: np.ndarray) -> Any:
+                return pgpu.PallasBlockKernel.fromdense(w.astype(dtype), (16, 16), n, **config)
+
+            note = ", ".join(f"{k}={v}" for k, v in config.items())
+            return Form(name, map_kernels(pruned, build), x32.astype(dtype), note=note)
+
+        return name, thunk
 
     def auto() -> Form:
         p, note = auto_params(pruned, batch, kind, auto_runs)
@@ -149,8 +149,12 @@ def build_forms(
             "bcsr_t_cusparse",
             lambda: Form("bcsr_t_cusparse", map_kernels(pruned, bcsr_t), x32, True),
         ),
-        ("pallas_block", pallas(jnp.float32)),
-        ("pallas_block_bf16", pallas(jnp.bfloat16)),
+        pallas("pallas_block", jnp.float32),
+        pallas("pallas_block_bf16", jnp.bfloat16),
+        # launch variants, so that one GPU run shows which settings the defaults should take
+        pallas("pallas_block_split1", jnp.float32, split=1),
+        pallas("pallas_block_w1", jnp.float32, num_warps=1),
+        pallas("pallas_block_w8", jnp.float32, num_warps=8),
         ("auto", auto),
     ]
 

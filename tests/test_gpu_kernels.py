@@ -150,6 +150,13 @@ def test_lowers_to_triton_for_cuda(side, dtype, split):
     assert "prunejax_block_matmul" in text
 
 
+def test_launch_settings_reach_triton():
+    w = block_sparse(np.random.default_rng(0), (64, 32), (16, 16))
+    k = gpu.PallasBlockKernel.fromdense(w, (16, 16), num_warps=1, num_stages=2)
+    text = jax.jit(matmul).trace(jnp.ones((1, 64)), k).lower(lowering_platforms=("cuda",)).as_text()
+    assert "num_warps = 1" in text and "num_stages = 2" in text
+
+
 def test_inside_a_model_and_through_pytree_utilities():
     rng = np.random.default_rng(5)
     dims = (64, 48, 32, 16)

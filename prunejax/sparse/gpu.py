@@ -225,7 +225,8 @@ class PallasBlockKernel:
     Arrays (pytree children): ``colptr`` (out/bw + 1,), ``rowb`` (nb,), ``blocks``
     (nb, bh, bw); static: ``shape``, ``nnz`` (entries of the stored blocks), ``max_count``
     (most blocks in a column), ``split`` (programs per column; 0 = ``default_split``),
-    ``interpret`` (run the kernel in Pallas's interpreter everywhere).
+    ``interpret`` (run the kernel in Pallas's interpreter everywhere), ``num_warps`` and
+    ``num_stages`` (Triton's launch settings; None = Pallas's defaults).
     """
 
     __prunejax_kernel__ = True
@@ -242,14 +243,18 @@ class PallasBlockKernel:
         max_count: int,
         split: int = 0,
         interpret: bool = False,
+        num_warps: int | None = None,
+        num_stages: int | None = None,
     ):
         self.colptr, self.rowb, self.blocks = colptr, rowb, blocks
         self.shape = tuple(shape)
         self.nnz, self.max_count = int(nnz), int(max_count)
         self.split, self.interpret = int(split), bool(interpret)
+        self.num_warps, self.num_stages = num_warps, num_stages
 
     def tree_flatten(self) -> tuple[tuple, tuple]:
         aux = (self.shape, self.nnz, self.max_count, self.split, self.interpret)
+        aux += (self.num_warps, self.num_stages)
         return (self.colptr, self.rowb, self.blocks), aux
 
     @classmethod
@@ -265,6 +270,8 @@ class PallasBlockKernel:
         *,
         split: int = 0,
         interpret: bool = False,
+        num_warps: int | None = None,
+        num_stages: int | None = None,
     ) -> PallasBlockKernel:
         """Build from a dense (masked) ``(in, out)`` kernel; all-zero blocks are dropped.
 
@@ -274,6 +281,8 @@ class PallasBlockKernel:
           path: the leaf's name, for error messages.
           split: programs per output block column (0: ``default_split`` per call).
           interpret: run the Pallas kernel in its interpreter on every platform.
+          num_warps: Triton warps per program (None: Pallas's default).
+          num_stages: Triton pipelining stages (None: Pallas's default).
 
         Returns:
           The kernel object.
@@ -313,6 +322,8 @@ class PallasBlockKernel:
             int(counts.max(initial=0)),
             split,
             interpret,
+            num_warps,
+            num_stages,
         )
 
     @property
@@ -366,7 +377,12 @@ class PallasBlockKernel:
         b = x2.shape[0]
         split = self.split or default_split(b, n_out // self.block[1], self.max_count)
         pallas = functools.partial(
-            pallas_block_matmul, n_out=n_out, max_count=self.max_count, split=split
+            pallas_block_matmul,
+            n_out=n_out,
+            max_count=self.max_count,
+            split=split,
+            num_warps=self.num_warps,
+            num_stages=self.num_stages,
         )
         args = (x2, self.colptr, self.rowb, self.blocks)
         if b == 0:
