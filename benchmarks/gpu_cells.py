@@ -77,8 +77,12 @@ def compile_form(f: Form, mem_limit: float) -> int | None:
 
 
 def map_kernels(params: dict, fn: Callable[[str, np.ndarray], Any]) -> dict:
-    """``params`` with each layer's kernel replaced by ``fn(layer name, kernel)``."""
-    return {k: {**v, "kernel": fn(k, np.asarray(v["kernel"]))} for k, v in params.items()}
+    """``params`` with each layer's kernel replaced by ``fn(layer name, kernel)``, and the other
+    leaves (biases) on the device: a NumPy leaf would be copied to the device at every call."""
+    return {
+        k: {n: fn(k, np.asarray(a)) if n == "kernel" else jnp.asarray(a) for n, a in v.items()}
+        for k, v in params.items()
+    }
 
 
 def to_device(params: dict, dtype: Any = jnp.float32) -> dict:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 
+import jax
 import numpy as np
 import pytest
 
@@ -215,6 +216,9 @@ def test_every_form_of_a_cell_builds_and_matches_dense():
         row = gc.prepare(f, ref, 2**30, 1.0)
         assert row["err"] <= gc.TOL["bfloat16" if "bf16" in name else "float32"], name
         assert f.t1 > 0 and row["stored_bytes"] > 0
+        # every array is on the device: a NumPy leaf would be copied there at every timed call
+        leaves = jax.tree_util.tree_leaves(f.params)
+        assert leaves and all(isinstance(a, jax.Array) for a in leaves), name
     assert "Dense_0:" in f.note  # auto records its per-layer choice and times
     skipped = dict(gc.build_forms(pruned, 1, "unstructured", "cpu", False, 1))
     with pytest.raises(RuntimeError, match="skipped: no GPU"):
