@@ -50,21 +50,38 @@ class Form:
 
 
 def set_cusparse(on: bool) -> None:
-    """Set ``jax_bcoo_cusparse_lowering`` (the benchmark's only global setting)."""
-    jax.config.update("jax_bcoo_cusparse_lowering", bool(on))
+    """Set ``jax_bcoo_cusparse_lowering`` (the benchmark's only global setting).
+
+    Raises:
+      RuntimeError: this JAX has no such option (the cuSPARSE forms are then skipped).
+    """
+    try:
+        jax.config.update("jax_bcoo_cusparse_lowering", bool(on))
+    except (AttributeError, KeyError, ValueError) as e:
+        raise RuntimeError(f"skipped: this JAX has no jax_bcoo_cusparse_lowering ({e})") from e
 
 
 def compile_form(f: Form, mem_limit: float) -> int | None:
-    """AOT-compile ``f`` (cuSPARSE lowering on only while it compiles); its temp bytes.
+    """AOT-compile ``f`` (cuSPARSE lowering on only while a ``cusparse`` form compiles).
+
+    Returns:
+      The compiled temporary's bytes (None when XLA does not say).
 
     Raises:
       MemoryError: the compiled temporary exceeds ``mem_limit`` bytes.
     """
-    set_cusparse(f.cusparse)
-    try:
-        exe = jax.jit(lambda p, x: mlp_forward(p, x)).lower(f.params, f.x).compile()
-    finally:
-        set_cusparse(False)
+
+    def lower() -> Any:
+        return jax.jit(lambda p, x: mlp_forward(p, x)).lower(f.params, f.x).compile()
+
+    if f.cusparse:
+        set_cusparse(True)
+        try:
+            exe = lower()
+        finally:
+            set_cusparse(False)
+    else:
+        exe = lower()
     temp = None
     try:
         temp = int(exe.memory_analysis().temp_size_in_bytes)
