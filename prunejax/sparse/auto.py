@@ -40,6 +40,10 @@ __all__ = [
 ]
 
 _CACHED_BYTES = 8 << 20
+# Eigen's CSR kernel ("bcsr_t") is a candidate from this batch size on: below it its cost does
+# not follow batch * nnz (2048x2048 at 10%, EPYC Zen 5: batch 1 3.8 ms, batch 8 1.5 ms,
+# batch 32 1.6 ms, against XLA dense 0.56 ms at batch 1), and it never wins there.
+_BCSR_T_FROM = 32
 # A sparse form is chosen only when predicted at most this fraction of dense, so that the
 # model's error does not make "auto" slower than dense.
 _AUTO_MARGIN = 0.7
@@ -71,7 +75,8 @@ def predict_times(
     batch 8 (the ~6 bytes per nonzero are read faster than gathers issue), then one 16/32-wide
     FMA per nonzero and tile of x (load/FMA bound, plus transposing x into tiles); ``block``
     streams its blocks at batch 1 and runs dense 16-wide FMAs on stored block entries at larger
-    batch; ``bcsr_t`` (Eigen's CSR kernel) and the pure-JAX forms pay per entry and batch row.
+    batch; ``bcsr_t`` (Eigen's CSR kernel, a candidate from batch 32 on) and the pure-JAX forms
+    pay per entry and batch row.
     The constants are this machine's (``prunejax.sparse.tuning.constants``: measured on
     first use, then cached).
 
@@ -119,7 +124,8 @@ def predict_times(
             t["ell"] = c["gather_call_us"] + b * ell * c["ell_ns"] * ns
         if block_nse is not None:
             t["block"] = c["gather_call_us"] + b * block_nse * c["block_pure_ns"] * ns
-    t["bcsr_t"] = c["bcsr_t_call_us"] + b * nnz * c["bcsr_t_ns"] * ns
+    if b >= _BCSR_T_FROM:
+        t["bcsr_t"] = c["bcsr_t_call_us"] + b * nnz * c["bcsr_t_ns"] * ns
     if not measured:
         return t
     key = measurement_key(shape, nnz, b, block, block_nse, "float32")
