@@ -6,12 +6,16 @@ JSON file, ``tuning.json`` in ``prunejax._util.cache_dir()`` (``$PRUNEJAX_CACHE_
 
 * the **calibration**: the cost model's constants (``prunejax.sparse.auto.predict_times``),
   measured on first use by timing the kernels at a few representative shapes (a 2048x2048
-  kernel dense and at 10% density, unstructured and in 16x16 blocks, batch 1 and 32, and tiny
-  kernels for the fixed cost of a call).  It runs once per machine key, in about a second
-  (most of it compiling the probes), and says so in one line on stderr (``PRUNEJAX_QUIET=1``
-  silences it).  ``PRIOR``, the constants calibrated on the machine the library was developed
-  on (AVX-512), is only the starting point: the measured values replace every constant that a
-  probe measures.  ``PRUNEJAX_CALIBRATE=0`` skips the measuring and uses ``PRIOR``.
+  kernel dense and at 10% density, unstructured and in 16x16 blocks, batch 1 and 32; a
+  1024x1024 dense kernel at batch 1 and 256; tiny kernels for the fixed cost of a call).  It
+  runs once per machine key and says so in one line on stderr (``PRUNEJAX_QUIET=1`` silences
+  it); it takes about a second on a 2-core machine (0.9 s measured, most of it compiling the
+  ten probes; several seconds when other processes load the cores).  ``PRIOR``, the constants
+  calibrated on the machine the library was developed on (AVX-512), is only the starting
+  point: the measured values replace every constant a probe measures; the few that none does
+  (the transposition of ``x`` for the tiled CSR kernel; the 16-row tile and Eigen's fixed cost,
+  scaled from the measured 32-row tile and XLA's fixed cost) are small terms.
+  ``PRUNEJAX_CALIBRATE=0`` skips the measuring and uses ``PRIOR``.
 * **measurements** of ``sparsify(..., format="auto", tune=True)``: the times of every
   candidate format of one layer shape, pattern class and batch size, measured in the user's
   process interleaved with dense (see ``prunejax.sparse.auto.tune_format``).
@@ -29,6 +33,7 @@ and measured again.  Every write is atomic (``prunejax._util.atomic_path``).
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import math
@@ -106,6 +111,9 @@ _BOUND = 16.0
 # Probe shapes: big (DRAM-bound at batch 1), mid (cache-resident), tiny (fixed costs).
 _BIG, _MID, _TINY = (2048, 2048), (1024, 1024), (64, 64)
 _DENSITY, _BATCH = 0.1, 32
+# The dense FLOP rate is probed at a batch where the multiply-adds, not the weight stream,
+# bound the time (at batch 32 the two overlap and the rate would come out up to 3x too high).
+_DENSE_BATCH = 256
 _lock = threading.RLock()
 _memo: dict[tuple[str, str], dict[str, float]] = {}
 _sources_hash: list[str] = []
@@ -131,6 +139,7 @@ def kernel_isa() -> str:
     return "native:" + (",".join(keep) if keep else platform.machine())
 
 
+@functools.cache
 def _cpuinfo_field(names: tuple[str, ...]) -> str:
     """The first ``/proc/cpuinfo`` line whose field is one of ``names`` ("" when none)."""
     try:
@@ -308,7 +317,7 @@ def _probe_kernels(compiled: bool) -> dict[str, tuple[Any, int]]:
         "dense_tiny_b1": (jnp.full(_TINY, 0.5, jnp.float32), 1),
         "dense_mid_b1": (jnp.full(_MID, 0.5, jnp.float32), 1),
         "dense_big_b1": (big, 1),
-        "dense_big_bn": (big, _BATCH),
+        "dense_mid_bn": (jnp.full(_MID, 0.5, jnp.float32), _DENSE_BATCH),
     }
     if compiled:
         csr = probe_csr(_BIG, _DENSITY, "csr")
@@ -324,7 +333,7 @@ def _probe_kernels(compiled: bool) -> dict[str, tuple[Any, int]]:
         }
     return {
         **dense,
-        "bcsr_t_tiny_b1": (probe_csr(_TINY, _DENSITY, "bcsr_t"), 1),
+        "bcsr_t_tiny_bn": (probe_csr(_TINY, _DENSITY, "bcsr_t"), _BATCH),
         "bcsr_t_bn": (probe_csr(_BIG, _DENSITY, "bcsr_t"), _BATCH),
         "ell_tiny_b1": (_as_ell(probe_csr(_TINY, _DENSITY, "bcsr_t")), 1),
         "ell_b1": (_as_ell(probe_csr(_BIG, _DENSITY, "bcsr_t")), 1),
@@ -382,7 +391,8 @@ def _solve(us: dict[str, float], counts: dict[str, int], compiled: bool) -> dict
     c["dense_call_us"] = call = us["dense_tiny_b1"]
     c["dense_weight_ns"] = _ns(us["dense_big_b1"], call, big)
     c["dense_weight_cached_ns"] = _ns(us["dense_mid_b1"], call, mid)
-    c["dense_mac_ns"] = _ns(us["dense_big_bn"], us["dense_big_b1"], (b - 1) * big)
+    streamed = call + mid * c["dense_weight_cached_ns"] / 1e3
+    c["dense_mac_ns"] = _ns(us["dense_mid_bn"], streamed, _DENSE_BATCH * mid)
     if compiled:
         c["kernel_call_us"] = kc = us["csr_tiny_b1"]
         c["csr_gather_ns"] = _ns(us["csr_b1"], kc, nnz)
@@ -394,7 +404,7 @@ def _solve(us: dict[str, float], counts: dict[str, int], compiled: bool) -> dict
         # Eigen's BCSR: fixed cost scaled from XLA's (same dispatch path), per-entry measured
         c["bcsr_t_call_us"] = PRIOR["bcsr_t_call_us"] * call / PRIOR["dense_call_us"]
     else:
-        c["bcsr_t_call_us"] = us["bcsr_t_tiny_b1"]
+        c["bcsr_t_call_us"] = us["bcsr_t_tiny_bn"]
         c["gather_call_us"] = gc = us["ell_tiny_b1"]
         c["ell_ns"] = _ns(us["ell_b1"], gc, counts["ell_nse"])
         c["block_pure_ns"] = _ns(us["block_pure_bn"], gc, b * nse)
