@@ -50,7 +50,7 @@ def cache(tmp_path, monkeypatch):
     tuning.clear_memo()
     runs = []
 
-    def fake_probes(compiled, rounds=5):
+    def fake_probes(compiled, rounds=15):
         runs.append(compiled)
         return dict(PROBES), dict(COUNTS)
 
@@ -159,7 +159,7 @@ def test_implausible_probe_times_are_bounded_and_kept_raw(cache, monkeypatch):
     if not ffi.available():
         pytest.skip("csr_b1 is a probe of the compiled kernels")
     slow = dict(PROBES, csr_b1=1e7)  # a probe preempted for 10 s
-    monkeypatch.setattr(tuning, "run_probes", lambda compiled, rounds=5: (slow, dict(COUNTS)))
+    monkeypatch.setattr(tuning, "run_probes", lambda compiled, rounds=15: (slow, dict(COUNTS)))
     rec = tuning.calibrate(force=True)
     assert rec["solved"]["csr_gather_ns"] > 16 * tuning.PRIOR["csr_gather_ns"]
     assert rec["constants"]["csr_gather_ns"] == 16 * tuning.PRIOR["csr_gather_ns"]
@@ -254,6 +254,14 @@ def sparse_kernel(rng, n_in=64, n_out=32, density=0.1):
     return w
 
 
+def blocky_kernel(rng):
+    """64x32, two of its eight 16x16 blocks kept: every sparse form is a candidate."""
+    w = rng.standard_normal((64, 32)).astype(np.float32)
+    keep = np.zeros((4, 2), bool)
+    keep[0, 0] = keep[2, 1] = True
+    return np.where(np.kron(keep, np.ones((16, 16), bool)), w, 0).astype(np.float32)
+
+
 @pytest.fixture
 def fake_timer(cache, monkeypatch):
     """Replace the interleaved timer: each call runs once (so it must work), then gets the
@@ -294,14 +302,15 @@ def test_tune_chooses_only_what_it_measured_faster_than_dense(fake_timer, monkey
         monkeypatch.setenv("PRUNEJAX_DISABLE_FFI", "1")
     elif not ffi.available():
         pytest.skip(f"compiled kernels unavailable: {ffi.build_error()}")
-    fast = "block"  # a candidate on both paths (the kernel's shape divides into blocks)
-    w = sparse_kernel(np.random.default_rng(0))
+    fast = "block"  # a candidate on both paths
+    w = blocky_kernel(np.random.default_rng(0))
     R = auto.TUNE_ROUNDS
     fake_timer["table"] = {"dense": [100.0] * R, fast: [95.0] * R}
     assert tuned(w, 8) == {"kernel": "dense"}  # faster, but not by the 10% margin
     rec = record_for(w, 8)
     assert rec["times_us"][fast] == 95.0 and rec["ratios"][fast] == pytest.approx(100 / 95)
     assert set(rec["times_us"]) == {"dense", *auto._candidates(w, 8, (16, 16))}
+    assert {"block", "csr" if path == "compiled" else "ell"} <= set(rec["times_us"])
     # a cached decision: the same layer is not measured again
     n = len(fake_timer["timed"])
     assert tuned(w, 8) == {"kernel": "dense"} and len(fake_timer["timed"]) == n
@@ -395,7 +404,7 @@ def test_model_choice_uses_the_calibrated_constants(cache, monkeypatch):
     w = sparse_kernel(np.random.default_rng(4), 1024, 1024, 0.05)
     assert sp.formats_of(sp.sparsify({"kernel": w}, "auto", batch_size=1)) == {"kernel": "csr"}
     slow = dict(PROBES, csr_b1=PROBES["csr_tiny_b1"] + 20 * (PROBES["csr_b1"] - 5.0))
-    monkeypatch.setattr(tuning, "run_probes", lambda compiled, rounds=5: (slow, dict(COUNTS)))
+    monkeypatch.setattr(tuning, "run_probes", lambda compiled, rounds=15: (slow, dict(COUNTS)))
     monkeypatch.setattr(ffi, "isa", lambda: "slow-gathers", raising=False)
     tuning.clear_memo()
     assert sp.formats_of(sp.sparsify({"kernel": w}, "auto", batch_size=1)) == {"kernel": "dense_t"}

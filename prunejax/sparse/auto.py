@@ -211,8 +211,7 @@ def _auto_choice(
         w.shape, int(nz.sum()), batch_size, block_nse=bnse, ell_nse=ell_nse, constants=c
     )
     size = w.size
-    stored = {"csr": int(nz.sum()), "bcsr_t": int(nz.sum()), "ell": ell_nse}
-    stored["block"] = bnse or size
+    stored = _stored(w, block)
     # Inside one jitted model a dense dot fuses with its neighbours, so its stand-alone call
     # overhead is not saved by replacing it: compare the per-entry costs only, and keep layers
     # whose dense product is cheaper than a kernel call dense.  And a form that
@@ -306,12 +305,22 @@ def choose_measured(rec: Mapping[str, Any], *, layer_kernel: bool) -> str:
     return max(ok, key=ok.get) if ok else "dense"
 
 
+def _stored(w: np.ndarray, block: tuple[int, int]) -> dict[str, int]:
+    """Entries each candidate form of ``w`` stores (padding included)."""
+    nz = w != 0
+    nnz = int(nz.sum())
+    ell = int(nz.sum(axis=0).max(initial=0)) * w.shape[1]
+    return {"csr": nnz, "bcsr_t": nnz, "ell": ell, "block": _block_nse(w, block) or w.size}
+
+
 def _candidates(w: np.ndarray, batch_size: int, block: tuple[int, int]) -> list[str]:
-    """The forms ``tune`` measures: the model's candidates and ``"dense_t"`` at small batch."""
+    """The forms ``tune`` measures: the model's candidates that store at most
+    ``_AUTO_MAX_STORED`` of the dense entries, and ``"dense_t"`` at small batch."""
     t = predict_times(
         w.shape, 1, batch_size, block_nse=_block_nse(w, block), constants=tuning.PRIOR
     )
-    out = [f for f in t if f != "dense"]
+    stored = _stored(w, block)
+    out = [f for f in t if f != "dense" and stored[f] <= _AUTO_MAX_STORED * w.size]
     if batch_size <= DENSE_T_MAX_BATCH and ffi.available():
         out.append("dense_t")
     return out
@@ -327,12 +336,13 @@ def tune_format(
 ) -> str:
     """Measure ``x @ W`` for every candidate form of ``w`` and dense, choose, cache the times.
 
-    The forms (the model's candidates, plus ``"dense_t"`` at batch 1 with the compiled
-    kernels) and XLA's dense dot are AOT-compiled and timed on a random fp32 ``x`` of
-    ``batch_size`` rows, all in the same ``TUNE_ROUNDS`` rounds in shuffled order
-    (``prunejax.sparse.tuning.time_interleaved``).  The record (median µs per form, median
-    over rounds of t_dense / t_form) is cached under :func:`measurement_key` and this machine's
-    key; a later call with the same key reuses it.  The decision is :func:`choose_measured`.
+    The forms (the model's candidates that store at most half the dense entries, plus
+    ``"dense_t"`` at batch 1 with the compiled kernels) and XLA's dense dot are AOT-compiled
+    and timed on a random fp32 ``x`` of ``batch_size`` rows, all in the same ``TUNE_ROUNDS``
+    rounds in shuffled order (``prunejax.sparse.tuning.time_interleaved``).  The record
+    (median µs per form, median over rounds of t_dense / t_form) is cached under
+    :func:`measurement_key` and this machine's key; a later call with the same key reuses it.
+    The decision is :func:`choose_measured`.
 
     Args:
       w: the concrete fp32 ``(in, out)`` kernel.

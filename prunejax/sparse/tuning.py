@@ -341,12 +341,14 @@ def _probe_kernels(compiled: bool) -> dict[str, tuple[Any, int]]:
     }
 
 
-def run_probes(compiled: bool, rounds: int = 5) -> tuple[dict[str, float], dict[str, int]]:
-    """Time the calibration probes on this machine (fastest of interleaved rounds).
+def run_probes(compiled: bool, rounds: int = 15) -> tuple[dict[str, float], dict[str, int]]:
+    """Time the calibration probes on this machine (fastest single call of interleaved rounds).
 
-    The fastest round, not the median: the constants describe the machine, and on a machine
-    other processes share, slower rounds measure them (scheduling delays of XLA's threads can
-    turn a 10 µs call into milliseconds).
+    The fastest call, not the median: the constants describe the machine, and on a machine
+    other processes share, slower calls measure them (scheduling delays of XLA's threads can
+    turn a 10 µs call into milliseconds; bursts of calls average such delays in).  Single
+    calls interleaved with the other probes also find the big kernels' weights out of cache,
+    as a layer's weights are when the rest of a model ran in between.
 
     Args:
       compiled: probe the compiled CPU kernels (else the pure-JAX forms).
@@ -362,7 +364,7 @@ def run_probes(compiled: bool, rounds: int = 5) -> tuple[dict[str, float], dict[
         name: matmul_call(rng.standard_normal((b, k.shape[0])).astype(np.float32), k)
         for name, (k, b) in probes.items()
     }
-    times = time_interleaved(calls, rounds)
+    times = time_interleaved(calls, rounds, burst_us=0.0)
     counts = {"nnz": 0, "block_nse": 0, "ell_nse": 0}
     for name, (k, _) in probes.items():
         if name.startswith(("csr_b", "bcsr_t_b")):
