@@ -408,3 +408,11 @@ def test_model_choice_uses_the_calibrated_constants(cache, monkeypatch):
     monkeypatch.setattr(ffi, "isa", lambda: "slow-gathers", raising=False)
     tuning.clear_memo()
     assert sp.formats_of(sp.sparsify({"kernel": w}, "auto", batch_size=1)) == {"kernel": "dense_t"}
+
+
+def test_cache_lives_under_xdg_cache_home(cache, tmp_path, monkeypatch):
+    monkeypatch.delenv("PRUNEJAX_CACHE_DIR")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    tuning.clear_memo()
+    tuning.constants()
+    assert (tmp_path / "xdg" / "prunejax" / tuning.CACHE_NAME).is_file()
