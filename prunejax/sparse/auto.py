@@ -41,8 +41,9 @@ __all__ = [
 
 _CACHED_BYTES = 8 << 20
 # Eigen's CSR kernel ("bcsr_t") is a candidate from this batch size on: below it its cost does
-# not follow batch * nnz (2048x2048 at 10%, EPYC Zen 5: batch 1 3.8 ms, batch 8 1.5 ms,
-# batch 32 1.6 ms, against XLA dense 0.56 ms at batch 1), and it never wins there.
+# not follow batch * nnz (2048x2048 at 10%, 2-core EPYC Zen 5, AVX-512, load ~5, fastest of 5:
+# batch 1 3.8 ms, batch 8 1.5 ms, batch 32 1.6 ms, against XLA dense 0.56 ms at batch 1), and
+# it never wins there.
 _BCSR_T_FROM = 32
 # A sparse form is chosen only when predicted at most this fraction of dense, so that the
 # model's error does not make "auto" slower than dense.
