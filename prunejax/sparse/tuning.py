@@ -68,6 +68,7 @@ __all__ = [
     "export_tuning",
     "import_tuning",
     "kernel_isa",
+    "launch_call",
     "lookup_measurement",
     "matmul_call",
     "machine_key",
@@ -249,6 +250,21 @@ def matmul_call(x: np.ndarray, w: Any) -> Callable[[], Any]:
     xj = jax.device_put(jnp.asarray(x))
     exe = jax.jit(lambda a, b: a @ b).lower(xj, w).compile()
     return lambda: jax.block_until_ready(exe(xj, w))
+
+
+def launch_call(x: np.ndarray) -> Callable[[], Any]:
+    """A zero-argument call running a trivial AOT-compiled executable (``x * 2``) and waiting
+    for it: the cost of launching an executable, which a jitted model pays once.
+
+    Args:
+      x: its operand (placed on the default device once, here).
+
+    Returns:
+      The call.
+    """
+    xj = jax.device_put(jnp.asarray(x))
+    exe = jax.jit(lambda a: a * 2).lower(xj).compile()
+    return lambda: jax.block_until_ready(exe(xj))
 
 
 # ----------------------------------------------------------------------------- calibration
@@ -542,6 +558,8 @@ def check_measurement(rec: Any) -> str | None:
         return f"unknown formats {sorted(rec['times_us'])}"
     if not _finite_map(rec.get("ratios"), set(rec["times_us"]) - {"dense"}):
         return "ratios missing or do not match the timed formats"
+    if not _finite_map({"launch_us": rec.get("launch_us")}):
+        return "launch_us missing, non-finite or not positive"
     if not (isinstance(rec.get("rounds"), int) and rec["rounds"] >= 1):
         return "rounds missing"
     return None
