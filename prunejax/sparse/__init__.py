@@ -40,7 +40,7 @@ Formats (``FORMATS``):
     ``W.T`` with uint8 offsets inside each group of ``m`` inputs, run as a compressed gather.
 ``"auto"``
     per layer the form predicted fastest for ``batch_size`` by a cost model whose constants are
-    measured on this machine on first use (a second or so, announced on stderr, cached per CPU
+    measured on this machine on first use (seconds, announced on stderr, cached per CPU
     model, ISA, kernel sources, thread count and JAX/prunejax versions: ``tuning``), dense
     unless the predicted gain exceeds a safety margin (1.43x): at batch 1 with the compiled CPU
     kernels a layer kernel that stays dense is ``"dense_t"`` (faster than XLA's batch-1 dot),

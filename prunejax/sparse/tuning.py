@@ -9,12 +9,13 @@ JSON file, ``tuning.json`` in ``prunejax._util.cache_dir()`` (``$PRUNEJAX_CACHE_
   kernel dense and at 10% density, unstructured and in 16x16 blocks, batch 1 and 32; a
   1024x1024 dense kernel at batch 1 and 256; tiny kernels for the fixed cost of a call).  It
   runs once per machine key and says so in one line on stderr (``PRUNEJAX_QUIET=1`` silences
-  it); it takes about a second on a 2-core machine (0.9 s measured, most of it compiling the
-  ten probes; several seconds when other processes load the cores).  ``PRIOR``, the constants
-  calibrated on the machine the library was developed on (AVX-512), is only the starting
-  point: the measured values replace every constant a probe measures; the few that none does
-  (the transposition of ``x`` for the tiled CSR kernel; the 16-row tile and Eigen's fixed cost,
-  scaled from the measured 32-row tile and XLA's fixed cost) are small terms.
+  it); most of its time is compiling the ten probes (1.5 s measured on a 2-core AMD EPYC
+  whose cores other processes kept busy, load average 9; 2.6 s at load average 13).
+  ``PRIOR``, the constants calibrated on the machine the library was developed on (AVX-512),
+  is only the starting point: the measured values replace every constant a probe measures;
+  the few that none does (the transposition of ``x`` for the tiled CSR kernel; the 16-row
+  tile and Eigen's fixed cost, scaled from the measured 32-row tile and XLA's fixed cost) are
+  small terms.
   ``PRUNEJAX_CALIBRATE=0`` skips the measuring and uses ``PRIOR``.
 * **measurements** of ``sparsify(..., format="auto", tune=True)``: the times of every
   candidate format of one layer shape, pattern class and batch size, measured in the user's
