@@ -488,3 +488,38 @@ def test_zero_size_inputs():
     assert (np.zeros((3, 0), np.float32) @ k).shape == (3, 5)
     k = sp.sparsify([np.ones((4, 5), np.float32)], "csr")[0]
     assert (np.zeros((0, 4), np.float32) @ k).shape == (0, 5)
+
+
+# ----------------------------------------------------------------------------- documented edges
+
+
+@pytest.mark.parametrize(("fmt", "path"), CASES)
+def test_nan_input_meeting_only_pruned_weights(fmt, path, monkeypatch):
+    # as the prunejax.sparse docstring says: dense x @ W turns a NaN input into NaN outputs
+    # (0 * nan is nan); the forms that skip pruned entries give finite outputs
+    use_path(path, monkeypatch)
+    rng = np.random.default_rng(19)
+    w = kernel_for(fmt, rng)
+    dead = 20 if fmt == "block" else 3  # an input row whose weights are all pruned
+    w[dead, :] = 0
+    if fmt == "block":
+        w[16:32, :] = 0  # ... and for blocks, the whole block row it belongs to
+    x = np.ones((2, w.shape[0]), np.float32)
+    x[0, dead] = np.nan
+    y = np.asarray(jax.jit(lambda x, k: x @ k)(x, sp.sparsify([w], fmt)[0]))
+    assert np.isnan(x @ w)[0].all() and np.isfinite(x @ w)[1].all()
+    if fmt in ("dense", "dense_t"):
+        assert np.isnan(y[0]).all()
+    elif fmt not in ("ell", "nm"):  # their padding entries may point at the NaN input
+        assert np.isfinite(y).all()
+        np.testing.assert_allclose(y[0], np.nan_to_num(x[0]) @ w, rtol=1e-5, atol=1e-5)
+    assert np.isfinite(y[1]).all()
+
+
+def test_default_selection_names_a_4d_leaf_and_where_excludes_it():
+    conv = np.ones((3, 3, 2, 4), np.float32)
+    params = {"conv": conv, "dense": {"kernel": np.eye(4, dtype=np.float32)}}
+    with pytest.raises(ValueError, match="'conv' has shape \\(3, 3, 2, 4\\).*where="):
+        sp.sparsify(params, "csr")
+    out = sp.sparsify(params, "csr", where=lambda p, leaf: np.ndim(leaf) == 2)
+    assert out["conv"] is conv and sp.formats_of(out) == {"dense/kernel": "csr"}

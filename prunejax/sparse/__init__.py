@@ -39,10 +39,16 @@ Formats (``FORMATS``):
     N:M sparsity along the input axis (``nm_masks(params, n, m, axis=0)``): the kept values of
     ``W.T`` with uint8 offsets inside each group of ``m`` inputs, run as a compressed gather.
 ``"auto"``
-    per layer the form predicted fastest for ``batch_size`` by a cost model calibrated on CPU
-    (see ``predict_times``), dense when nothing is predicted to beat dense by a margin: at
-    batch 1 with the compiled CPU kernels a layer kernel that stays dense is ``"dense_t"``
-    (faster than XLA's batch-1 dot), elsewhere the plain array.
+    per layer the form predicted fastest for ``batch_size`` by a cost model whose constants are
+    measured on this machine on first use (seconds, announced on stderr, cached per CPU
+    model, ISA, kernel sources, thread count and JAX/prunejax versions: ``tuning``), dense
+    unless the predicted gain exceeds a safety margin (1.43x): at batch 1 with the compiled CPU
+    kernels a layer kernel that stays dense is ``"dense_t"`` (faster than XLA's batch-1 dot),
+    elsewhere the plain array.  With ``sparsify(..., "auto", tune=True)`` the candidate forms of
+    each layer are timed against dense at the user's batch size instead, in the same process
+    and rounds, and a form is chosen only where measured at least 1.1x faster than dense (the
+    times are cached; ``predict_times(..., measured=True)`` shows measured beside predicted).
+    ``export_tuning`` / ``import_tuning`` move the measurements between machines of one kind.
 
 Every prunejax kernel object (``"dense_t"``, ``"csr"``, ``"bcsr_t"``, ``"ell"``, ``"block"``,
 ``"nm"``) has ``shape``, ``dtype``, ``nnz`` (nonzeros), ``nse`` (stored entries, padding
@@ -52,6 +58,14 @@ All are registered pytrees whose arrays are their children, so they pass through
 arguments.
 ``format_of`` / ``formats_of`` report the format of a leaf / of every kernel of a tree.
 
+NaN and infinity in ``x``: the sparse forms multiply only the stored entries, so a NaN (or inf)
+in ``x`` that meets only pruned (zero) weights does not reach the output, where dense ``x @ W``
+gives NaN (``0 * nan`` is NaN).  ``"dense"`` and ``"dense_t"`` propagate NaN like ``x @ W``;
+``"csr"``, ``"bcsr_t"``, ``"ell"``, ``"nm"`` and ``"bcoo"``/``"bcsr"`` skip pruned entries
+(ELL/N:M padding entries hold value 0 and may pass a NaN of the input they point at), and
+``"block"`` propagates NaN only through the blocks it stores.  An input NaN that meets a kept
+weight is NaN in every form.  Check inputs with ``jnp.isfinite`` where a NaN must surface.
+
 Kernel objects are for inference, and their sparsity pattern is fixed when they are built.
 ``"dense_t"`` is differentiable (a custom JVP through XLA's dot) and runs as one XLA dot under
 ``jax.vmap`` (a custom vmap rule); the pure-JAX forms differentiate by JAX's own rules; ``"csr"``
@@ -60,7 +74,9 @@ and fine-tune with dense masked kernels (``prunejax.masked``, ``prunejax.pruning
 afterwards.
 
 Modules: ``convert`` (``sparsify``, ``densify``, ``format_of``), ``kernels`` (the kernel
-classes), ``auto`` (the cost model: ``predict_times``), ``ffi`` (building and registering the
+classes), ``auto`` (the cost model ``predict_times`` and the ``tune=True`` measurement),
+``tuning`` (this machine's calibration and measurements, their cache file, export/import),
+``ffi`` (building and registering the
 compiled CPU kernels, whose C++ sources are in ``csrc/``).
 """
 
@@ -74,6 +90,7 @@ from prunejax.sparse.kernels import (
     EllKernel,
     NMKernel,
 )
+from prunejax.sparse.tuning import calibrate, export_tuning, import_tuning
 
 __all__ = [
     "FORMATS",
@@ -83,9 +100,12 @@ __all__ = [
     "DenseTKernel",
     "EllKernel",
     "NMKernel",
+    "calibrate",
     "densify",
+    "export_tuning",
     "format_of",
     "formats_of",
+    "import_tuning",
     "predict_times",
     "sparsify",
 ]

@@ -123,6 +123,17 @@ def _to_format(
     raise AssertionError(fmt)
 
 
+def _check_args(fmt: Any, batch_size: Any, tune: Any) -> None:
+    if not isinstance(fmt, str) or fmt not in FORMATS:
+        raise ValueError(f"unknown sparse format {fmt!r}; valid formats: {', '.join(FORMATS)}")
+    if fmt == "auto" and not (is_int(batch_size) and batch_size >= 1):
+        raise ValueError(f'format="auto" needs batch_size=, a positive int, got {batch_size!r}')
+    if not isinstance(tune, bool):
+        raise TypeError(f"tune must be a bool, got {tune!r}")
+    if tune and fmt != "auto":
+        raise ValueError(f'tune=True applies to format="auto" only, got format={fmt!r}')
+
+
 def sparsify(
     params: PyTree,
     format: str = "bcoo",  # noqa: A002 - the natural name of the argument
@@ -131,6 +142,7 @@ def sparsify(
     where: Where | None = None,
     block: tuple[int, int] = (16, 16),
     nm: tuple[int, int] = (2, 4),
+    tune: bool = False,
 ) -> PyTree:
     """Turn each selected kernel into a sparse kernel object that supports ``x @ W`` in jit.
 
@@ -143,30 +155,36 @@ def sparsify(
         already are sparse kernel objects are converted from their dense form.
       format: one of ``FORMATS``.
       batch_size: the inference batch size; required by ``"auto"``, ignored otherwise.
-      where: ``(path, leaf) -> bool`` selecting the leaves to convert (default: 2-D leaves and
-        sparse kernel objects).  Selected leaves must be 2-D.
+      where: ``(path, leaf) -> bool`` selecting the leaves to convert (default: every leaf of
+        two or more dimensions, and sparse kernel objects).  Selected leaves must be 2-D: a 3-D
+        or 4-D leaf (a convolution kernel) raises under the default selection too, so that no
+        kernel is silently left dense; exclude such leaves with ``where=``.
       block: ``(bh, bw)`` block shape for ``"block"`` (and the block candidate of ``"auto"``).
       nm: ``(n, m)`` for ``"nm"``: at most ``n`` nonzeros in every ``m`` consecutive inputs.
+      tune: with ``"auto"``, measure instead of predicting: every candidate form of each
+        selected fp32 kernel is timed against dense at ``batch_size`` in this process and a form
+        is chosen only where measured at least 1.1x faster than dense; the times are cached
+        per layer shape, pattern and batch size on this machine, so a second call measures
+        nothing (``prunejax.sparse.auto.tune_format``; ``predict_times(..., measured=True)``
+        shows them).  Costs a compilation and a few timed calls per candidate and layer.
 
     Returns:
       ``params`` with each selected kernel replaced by its sparse form.  ``"dense"`` gives a
       plain ``jax.Array``; so does ``"auto"`` where dense wins, except at batch 1 with the
       compiled CPU kernels (fp32), where a layer kernel (a ``kernel``/``weight``/``w`` leaf, or
-      a 2-D leaf followed by its bias) that stays dense becomes ``"dense_t"``.  Unselected
-      leaves are untouched.
+      a 2-D leaf followed by its bias) that stays dense becomes ``"dense_t"`` (with ``tune``:
+      where ``"dense_t"`` is measured faster).  Unselected leaves are untouched.
 
     Raises:
       ValueError: unknown format; a selected leaf that is not 2-D, holds NaN/inf, or does not fit
-        the format (block divisibility, N:M pattern); ``"auto"`` without a positive batch_size.
+        the format (block divisibility, N:M pattern); ``"auto"`` without a positive batch_size;
+        ``tune=True`` with another format than ``"auto"``.
       TypeError: a traced leaf (sparsify needs concrete values; call it outside ``jax.jit``), or
-        a selected leaf that is not a float kernel.
+        a selected leaf that is not a float kernel; ``tune`` not a bool.
     """
-    if not isinstance(format, str) or format not in FORMATS:
-        raise ValueError(f"unknown sparse format {format!r}; valid formats: {', '.join(FORMATS)}")
+    _check_args(format, batch_size, tune)
     block = check_block(block)
     nm = _check_nm(nm)
-    if format == "auto" and not (is_int(batch_size) and batch_size >= 1):
-        raise ValueError(f'format="auto" needs batch_size=, a positive int, got {batch_size!r}')
     paths, leaves, treedef = flatten(params)
 
     def default(path: str, leaf: Any) -> bool:
@@ -182,7 +200,14 @@ def sparsify(
         w = _concrete_kernel(p, leaf)
         if format == "auto":
             b = int(batch_size)  # type: ignore[arg-type]
-            fmt = auto_format(w, b, block, layer_kernel=p in layers)
+            fmt = auto_format(
+                w,
+                b,
+                block,
+                layer_kernel=p in layers,
+                tune=tune,
+                build=lambda f, w=w, p=p: _to_format(w, f, p, block, nm),
+            )
         else:
             fmt = format
         out.append(_to_format(w, fmt, p, block, nm))
@@ -202,7 +227,7 @@ def _concrete_kernel(path: str, leaf: Any) -> np.ndarray:
     if w.ndim != 2:
         raise ValueError(
             f"leaf {path!r} has shape {w.shape}: only 2-D (in, out) kernels can be sparsified; "
-            "exclude it with where="
+            "exclude it with where= (the default selects every leaf of 2 or more dimensions)"
         )
     if w.dtype.kind not in "fc" and w.dtype != jnp.bfloat16:
         raise TypeError(f"leaf {path!r} has dtype {w.dtype}; sparsify expects a float kernel")
