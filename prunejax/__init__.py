@@ -59,7 +59,15 @@ from prunejax.schedules import (
     one_shot_sparsity,
     polynomial_sparsity,
 )
-from prunejax.sparse import densify, format_of, formats_of, predict_times, sparsify
+from prunejax.sparse import (
+    densify,
+    export_tuning,
+    format_of,
+    formats_of,
+    import_tuning,
+    predict_times,
+    sparsify,
+)
 from prunejax.transforms import (
     DSTState,
     MaskedState,
@@ -137,12 +145,14 @@ __all__ = [
     "dynamic_sparse",
     "erk_sparsity",
     "evaluate",
+    "export_tuning",
     "fit",
     "format_of",
     "formats_of",
     "global_magnitude_sparsity",
     "gradual_pruning",
     "imp_step",
+    "import_tuning",
     "iterative_pruning",
     "iterative_sparsity",
     "load",

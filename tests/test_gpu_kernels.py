@@ -17,6 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+import prunejax as pj
 from prunejax.masks import block_masks, magnitude_masks, nm_masks
 from prunejax.models import mlp_apply
 from prunejax.sparse import gpu
@@ -307,3 +308,36 @@ def test_choose_skips_a_failing_candidate():
         timer=fake_timer({"dense": 1.0, "pallas_block": 0.1}),
     )
     assert fmt == "dense" and times["pallas_block"] == float("inf")
+
+
+def test_sparsify_auto_on_a_gpu_backend_times_the_gpu_candidates(monkeypatch):
+    """On a GPU backend ``sparsify(..., "auto")`` takes the GPU branch: candidates proposed for
+    the device kind, a measured choice, and the chosen form built (here forced by the timer)."""
+    from prunejax.sparse import convert, gpu
+
+    rng = np.random.default_rng(0)
+    w = rng.standard_normal((64, 32)).astype(np.float32)
+    w[:, 16:] = 0.0  # half the 16x16 blocks empty
+    w[16:48, :16] = 0.0
+    params = {"Dense_0": {"kernel": w, "bias": np.zeros(32, np.float32)}}
+    seen = {}
+
+    def fake_choose(w_, b, candidates, **kw):
+        seen["candidates"] = dict(candidates)
+        seen["batch"] = b
+        return "pallas_block", candidates["pallas_block"], {}
+
+    monkeypatch.setattr(convert.jax, "default_backend", lambda: "gpu")
+    monkeypatch.setattr(gpu, "choose_gpu_format", fake_choose)
+
+    class _Dev:
+        device_kind = "NVIDIA H200"
+
+    monkeypatch.setattr(convert.jax, "devices", lambda *a: [_Dev()])
+    out = pj.sparsify(params, "auto", batch_size=4)
+    kernel = out["Dense_0"]["kernel"]
+    assert seen["batch"] == 4
+    assert "dense" in seen["candidates"] and "pallas_block" in seen["candidates"]
+    assert pj.format_of(kernel) == "pallas_block"
+    x = rng.standard_normal((4, 64)).astype(np.float32)
+    np.testing.assert_allclose(np.asarray(x @ kernel), x @ w, rtol=1e-5, atol=1e-5)

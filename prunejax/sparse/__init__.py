@@ -77,11 +77,14 @@ Modules: ``convert`` (``sparsify``, ``densify``, ``format_of``), ``kernels`` (th
 classes), ``auto`` (the cost model ``predict_times`` and the ``tune=True`` measurement),
 ``tuning`` (this machine's calibration and measurements, their cache file, export/import),
 ``ffi`` (building and registering the
-compiled CPU kernels, whose C++ sources are in ``csrc/``).
+compiled CPU kernels, whose C++ sources are in ``csrc/``), ``gpu`` (the Pallas block-sparse
+kernel ``"pallas_block"`` for NVIDIA GPUs, and ``auto``'s GPU candidates: on a GPU backend
+``sparsify(..., "auto")`` times them per layer and keeps dense unless a form is measured faster).
 """
 
 from prunejax.sparse.auto import predict_times
 from prunejax.sparse.convert import FORMATS, densify, format_of, formats_of, sparsify
+from prunejax.sparse.gpu import PallasBlockKernel, choose_gpu_format, gpu_candidates
 from prunejax.sparse.kernels import (
     BCSRKernel,
     BlockKernel,
@@ -100,11 +103,14 @@ __all__ = [
     "DenseTKernel",
     "EllKernel",
     "NMKernel",
+    "PallasBlockKernel",
     "calibrate",
+    "choose_gpu_format",
     "densify",
     "export_tuning",
     "format_of",
     "formats_of",
+    "gpu_candidates",
     "import_tuning",
     "predict_times",
     "sparsify",

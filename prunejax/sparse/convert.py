@@ -22,6 +22,7 @@ from prunejax._util import (
     is_traced,
     select,
 )
+from prunejax.sparse import gpu
 from prunejax.sparse.auto import auto_format, layer_kernels
 from prunejax.sparse.kernels import (
     BCSRKernel,
@@ -34,7 +35,19 @@ from prunejax.sparse.kernels import (
 
 __all__ = ["FORMATS", "densify", "format_of", "formats_of", "sparsify"]
 
-FORMATS = ("auto", "dense", "dense_t", "bcoo", "bcsr", "csr", "bcsr_t", "ell", "block", "nm")
+FORMATS = (
+    "auto",
+    "dense",
+    "dense_t",
+    "bcoo",
+    "bcsr",
+    "csr",
+    "bcsr_t",
+    "ell",
+    "block",
+    "nm",
+    "pallas_block",
+)
 
 
 def format_of(leaf: Any) -> str:
@@ -120,7 +133,26 @@ def _to_format(
         return BlockKernel.fromdense(w, block, path)
     if fmt == "nm":
         return NMKernel.fromdense(w, *nm, path)
+    if fmt == "pallas_block":
+        return gpu.PallasBlockKernel.fromdense(w, block, path)
     raise AssertionError(fmt)
+
+
+def auto_gpu(w: np.ndarray, batch_size: int, device_kind: str | None = None) -> Any:
+    """``auto`` on a GPU: time the forms :func:`prunejax.sparse.gpu.gpu_candidates` proposes
+    for this kernel and keep the fastest, dense unless a sparse form is measured faster.
+
+    Args:
+      w: the concrete dense ``(in, out)`` kernel.
+      batch_size: the batch the model will run at.
+      device_kind: the device's kind (default: ``jax.devices()[0].device_kind``).
+
+    Returns:
+      The chosen kernel object (or the dense array).
+    """
+    kind = jax.devices()[0].device_kind if device_kind is None else device_kind
+    fmt, options, _ = gpu.choose_gpu_format(w, batch_size, gpu.gpu_candidates(w, batch_size, kind))
+    return gpu.gpu_format(w, fmt, **options)
 
 
 def _check_args(fmt: Any, batch_size: Any, tune: Any) -> None:
@@ -198,6 +230,9 @@ def sparsify(
             out.append(leaf)
             continue
         w = _concrete_kernel(p, leaf)
+        if format == "auto" and jax.default_backend() == "gpu":
+            out.append(auto_gpu(w, int(batch_size)))  # type: ignore[arg-type]
+            continue
         if format == "auto":
             b = int(batch_size)  # type: ignore[arg-type]
             fmt = auto_format(
