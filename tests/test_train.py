@@ -149,6 +149,7 @@ def test_checkpoint_metadata_is_inside_the_hash(toy_data, tmp_path):
     ckpt.write_bytes(data)
     res = fit(LOSS, params, optax.adam(1e-2), (x, y), _cfg(2, 64), checkpoint=ckpt, resume=True)
     assert [h["epoch"] for h in res.history] == [1, 2]
+
     def other(p, xb, yb, key):  # the same loss under another model name
         return LOSS(p, xb, yb, key)
 

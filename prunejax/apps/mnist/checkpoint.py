@@ -130,8 +130,7 @@ def _check_state(path: Path, node: Any, where: str = "") -> None:
             _check_state(path, v, f"{where}/{k}" if where else k)
     elif node is not None and (not isinstance(node, np.ndarray) or node.dtype.hasobject):
         raise CheckpointError(
-            f"checkpoint {path} is malformed: leaf {where!r} is {type(node).__name__}, "
-            "not an array"
+            f"checkpoint {path} is malformed: leaf {where!r} is {type(node).__name__}, not an array"
         )
 
 
