@@ -202,7 +202,12 @@ def leaf_shapes(tree: Any) -> dict[str, tuple[tuple[int, ...], str]]:
       One entry per leaf.
     """
     flat, _ = jax.tree_util.tree_flatten_with_path(tree)
-    return {path_str(kp): (tuple(np.shape(v)), str(np.result_type(v))) for kp, v in flat}
+    return {path_str(kp): (tuple(np.shape(v)), str(_dtype(v))) for kp, v in flat}
+
+
+def _dtype(v: Any) -> np.dtype:
+    dtype = getattr(v, "dtype", None)
+    return np.asarray(v).dtype if dtype is None else np.dtype(dtype)
 
 
 def _check_leaves(path: Any, want: dict, have: dict) -> None:
