@@ -429,7 +429,8 @@ def fit(
 
     Raises:
       ValueError: bad ``epochs``/``batch_size``.
-      CheckpointError: the checkpoint to resume from is unusable or from another run/model.
+      CheckpointError: the checkpoint to resume from is damaged (its SHA-256 covers arrays and
+        metadata), from another run/model, or inconsistent; or ``checkpoint`` is not a file.
       FloatingPointError: the loss became NaN or inf; the message names the step.
     """
     mesh = data_mesh() if mesh is None else mesh
