@@ -24,16 +24,16 @@ Why not orbax-checkpoint (measured on an AMD EPYC with AVX-512, 2 cores, orbax-c
 LeNet-300-100 params + Adam state + masks, 3.47 MB raw): (1) it keeps no content hash: in two
 sweeps of 200 random single-bit flips over a checkpoint's files, 24 and 17 restored silently
 changed arrays or metadata (19 of the 22 flips that hit the array data file in the first), 131 and
-140 hit bytes it never reads, and the rest raised four exception types (``KeyError``,
-``JSONDecodeError``, ``UnicodeDecodeError``, ``ValueError``); (2) overwriting a checkpoint in place
-(``force=True``) deletes the old directory before writing the new one: 19 of 20 SIGKILLs during a
-save loop left no readable checkpoint, where this format left a complete file 20 of 20 times; (3) a
-save writes 13 files in 83-110 ms and a restore takes 12-17 ms, against one file in 27 ms
-(``fsync`` included) and 4 ms here; importing it adds 0.3-0.5 s. In its favour: zstd makes it 1.03
-MB against 3.47 MB, and it costs no extra install (flax already depends on orbax-checkpoint and
-tensorstore). Using it safely would need a directory per epoch plus a hash manifest of our own; one
-file written through :func:`prunejax._util.atomic_path` (permissions ``0o666 & ~umask``, as model
-files) is simpler and stricter.
+140 restored exactly, and the rest raised four exception types (``KeyError``, ``JSONDecodeError``,
+``UnicodeDecodeError``, ``ValueError``); (2) overwriting a checkpoint in place (``force=True``)
+deletes the old directory before writing the new one: 19 of 20 SIGKILLs during a save loop left no
+readable checkpoint, where this format left a complete file 20 of 20 times; (3) a save writes 13
+files in 83-110 ms and a restore takes 12-17 ms, against one file in 27 ms (``fsync`` included) and
+4 ms here; importing it adds 0.3-0.5 s. In its favour: zstd makes it 1.03 MB against 3.47 MB, and
+it costs no extra install (flax already depends on orbax-checkpoint and tensorstore). Using it
+safely would need a directory per epoch plus a hash manifest of our own; one file written through
+:func:`prunejax._util.atomic_path` (permissions ``0o666 & ~umask``, as model files) is simpler and
+stricter.
 """
 
 from __future__ import annotations
