@@ -1,7 +1,11 @@
+import hashlib
 import os
+import signal
 import subprocess
 import sys
 import textwrap
+import threading
+import time
 from pathlib import Path
 
 import jax
@@ -114,6 +118,150 @@ def test_checkpoint_errors(tmp_path):
     (tmp_path / "n.ckpt").write_bytes(b"not a checkpoint")
     with pytest.raises(CheckpointError):
         load_checkpoint(tmp_path / "n.ckpt")
+
+
+def _rehash(data: bytes) -> bytes:
+    return data[:-32] + hashlib.sha256(data[:-32]).digest()
+
+
+def test_checkpoint_metadata_is_inside_the_hash(toy_data, tmp_path):
+    x, y, _, _ = toy_data
+    params = _init()
+    ckpt = tmp_path / "run.ckpt"
+    fit(LOSS, params, optax.adam(1e-2), (x, y), _cfg(2, 64), checkpoint=ckpt)
+    assert ckpt.stat().st_mode & 0o777 == 0o666 & ~_umask()  # as model files
+    data = ckpt.read_bytes()
+    assert data.index(b'"epoch": 2') < data.index(b'"history"')  # the top-level epoch
+    edited = data.replace(b'"epoch": 2', b'"epoch": 3', 1)
+    ckpt.write_bytes(edited)
+    with pytest.raises(CheckpointError, match="SHA-256 mismatch"):
+        load_checkpoint(ckpt)
+    with pytest.raises(CheckpointError, match="SHA-256 mismatch"):
+        fit(LOSS, params, optax.adam(1e-2), (x, y), _cfg(4, 64), checkpoint=ckpt, resume=True)
+    # with the hash recomputed the file is valid, but its epoch disagrees with its history
+    ckpt.write_bytes(_rehash(edited))
+    assert load_checkpoint(ckpt)[1]["epoch"] == 3
+    with pytest.raises(CheckpointError, match="epoch 3 but its history"):
+        fit(LOSS, params, optax.adam(1e-2), (x, y), _cfg(4, 64), checkpoint=ckpt, resume=True)
+    ckpt.write_bytes(_rehash(data.replace(b'"epoch": 2', b'"epoch": 9', 1)))
+    with pytest.raises(CheckpointError, match="epoch 9; this run has epochs 1..4"):
+        fit(LOSS, params, optax.adam(1e-2), (x, y), _cfg(4, 64), checkpoint=ckpt, resume=True)
+    ckpt.write_bytes(data)
+    res = fit(LOSS, params, optax.adam(1e-2), (x, y), _cfg(2, 64), checkpoint=ckpt, resume=True)
+    assert [h["epoch"] for h in res.history] == [1, 2]
+
+    def other(p, xb, yb, key):  # the same loss under another model name
+        return LOSS(p, xb, yb, key)
+
+    with pytest.raises(CheckpointError, match="written for model 'MLP', this run trains 'other'"):
+        fit(other, params, optax.adam(1e-2), (x, y), _cfg(2, 64), checkpoint=ckpt, resume=True)
+
+
+def _umask() -> int:
+    u = os.umask(0)
+    os.umask(u)
+    return u
+
+
+def test_checkpoint_refuses_old_format_dtypes_and_non_files(tmp_path):
+    import flax.serialization
+
+    params = _init()
+    path = tmp_path / "c.ckpt"
+    save_checkpoint(path, {"params": params}, {"epoch": 1})
+    as16 = jax.tree_util.tree_map(lambda a: np.asarray(a, np.float16), params)
+    with pytest.raises(CheckpointError, match="dtype float32, expected float16"):
+        restore_checkpoint(path, {"params": as16})
+    # format version 1: the metadata beside, not inside, the hash
+    state = flax.serialization.to_state_dict(jax.device_get({"params": params}))
+    sb = flax.serialization.msgpack_serialize(state)
+    v1 = {"format": "prunejax-checkpoint", "version": 1, "meta": "{}",
+          "sha256": hashlib.sha256(sb).hexdigest(), "state": sb}  # fmt: skip
+    (tmp_path / "v1.ckpt").write_bytes(flax.serialization.msgpack_serialize(v1))
+    with pytest.raises(CheckpointError, match="format version 1.*start afresh"):
+        load_checkpoint(tmp_path / "v1.ckpt")
+    (tmp_path / "dir.ckpt").mkdir()
+    with pytest.raises(CheckpointError, match="is a directory"):
+        load_checkpoint(tmp_path / "dir.ckpt")
+    with pytest.raises(CheckpointError, match="not a file"):
+        save_checkpoint(tmp_path / "dir.ckpt", {"params": params})
+    fifo = tmp_path / "fifo.ckpt"
+    os.mkfifo(fifo)
+    outcome = []
+
+    def read():
+        try:
+            load_checkpoint(fifo)
+        except CheckpointError as e:
+            outcome.append(str(e))
+
+    t = threading.Thread(target=read, daemon=True)
+    t.start()
+    t.join(10)
+    assert not t.is_alive(), "reading a FIFO blocked"
+    assert outcome and "not a regular file" in outcome[0]
+    with pytest.raises(CheckpointError, match="not a regular file"):
+        fit(LOSS, params, optax.adam(1e-2), (np.zeros((8, 20), np.float32),
+            np.zeros(8, np.int32)), _cfg(1, 8), checkpoint=fifo)  # fmt: skip
+
+
+_KILL_SETUP = textwrap.dedent(
+    """
+    import time
+    import jax, numpy as np
+    from prunejax import apply_masks, magnitude_masks, masked
+    from prunejax.apps.mnist import TrainConfig, classifier_loss, fit, make_optimizer
+    from prunejax.models import MLP
+
+    def train(ckpt, resume=False, slow=False):
+        rng = np.random.default_rng(0)
+        x = rng.normal(size=(192, 20)).astype(np.float32)
+        y = (x[:, 0] > 0).astype(np.int32) + (x[:, 1] > 0).astype(np.int32)
+        model = MLP(features=(16, 3), dropout=0.1)
+        p = model.init(jax.random.key(0), x[:1])["params"]
+        m = magnitude_masks(p, 0.5)
+        p = apply_masks(p, m)
+        # the killed run has slow epochs, so that the SIGKILL lands mid-run
+        ev = (lambda params: (time.sleep(0.5), {})[1]) if slow else None
+        return fit(classifier_loss(model), p, masked(make_optimizer(1e-2, 4 * 6), m), (x, y),
+                   TrainConfig(epochs=4, batch_size=32, seed=3, progress=False),
+                   checkpoint=ckpt, resume=resume, eval_fn=ev)
+    """
+)
+
+
+def test_sigkill_mid_run_then_resume_is_bitwise_identical(tmp_path):
+    ckpt, done = tmp_path / "run.ckpt", tmp_path / "done"
+    code = _KILL_SETUP + f"\ntrain({str(ckpt)!r}, slow=True)\nopen({str(done)!r}, 'w')\n"
+    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+    child = subprocess.Popen(
+        [sys.executable, "-c", code], env=env, cwd=Path(__file__).parents[1],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+    )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 240
+        while not ckpt.exists() and child.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.005)
+        assert ckpt.exists(), child.communicate(timeout=60)
+    finally:
+        child.send_signal(signal.SIGKILL)
+        child.wait()
+    assert child.returncode == -signal.SIGKILL and not done.exists()
+    epoch = load_checkpoint(ckpt)[1]["epoch"]
+    assert 1 <= epoch < 4  # killed mid-way, after a complete checkpoint
+    ns: dict = {}
+    exec(_KILL_SETUP, ns)
+    resumed = ns["train"](ckpt, resume=True)
+    full = ns["train"](None)
+    assert [h["epoch"] for h in resumed.history] == [1, 2, 3, 4]
+    assert [h["loss"] for h in resumed.history] == [h["loss"] for h in full.history]
+    for u, v in zip(
+        jax.tree_util.tree_leaves((full.params, full.opt_state)),
+        jax.tree_util.tree_leaves((resumed.params, resumed.opt_state)),
+        strict=True,
+    ):  # bitwise: the same dtype, shape and bytes
+        u, v = np.asarray(u), np.asarray(v)
+        assert (u.dtype, u.shape, u.tobytes()) == (v.dtype, v.shape, v.tobytes())
 
 
 def test_nan_loss_names_the_step(toy_data):

@@ -314,22 +314,36 @@ def _model_name(loss_fn: LossFn) -> str:
 
 
 def _resume(
-    checkpoint: str | os.PathLike, state: dict, config: dict, epochs: int
+    checkpoint: str | os.PathLike, state: dict, meta_base: dict, epochs: int
 ) -> tuple[dict, list[dict[str, float]], int]:
-    """``(state, history, start epoch)`` from ``checkpoint``, refusing other settings."""
+    """``(state, history, start epoch)`` from ``checkpoint``, refusing other settings and
+    metadata that do not agree with themselves (an epoch without its history records)."""
     tree, meta = restore_checkpoint(checkpoint, state)
+    config = meta_base["config"]
     if meta.get("config") != config:
         raise CheckpointError(
             f"checkpoint {checkpoint} was written with other settings "
             f"({meta.get('config')}) than this run ({config}); "
             "start afresh (no resume) or use another output directory"
         )
-    start_epoch = int(meta["epoch"])
-    if start_epoch > epochs:
+    if meta.get("model") != meta_base["model"]:
         raise CheckpointError(
-            f"checkpoint {checkpoint} is at epoch {start_epoch}, beyond epochs={epochs}"
+            f"checkpoint {checkpoint} was written for model {meta.get('model')!r}, "
+            f"this run trains {meta_base['model']!r}"
         )
-    return tree, list(meta.get("history", [])), start_epoch
+    start_epoch, history = meta.get("epoch"), meta.get("history")
+    if type(start_epoch) is not int or not 1 <= start_epoch <= epochs:
+        raise CheckpointError(
+            f"checkpoint {checkpoint} has epoch {start_epoch!r}; this run has epochs 1..{epochs}"
+        )
+    if not isinstance(history, list) or [
+        h.get("epoch") if isinstance(h, dict) else None for h in history
+    ] != list(range(1, start_epoch + 1)):
+        raise CheckpointError(
+            f"checkpoint {checkpoint} is inconsistent: epoch {start_epoch} but its history "
+            "does not hold one record per epoch 1..epoch"
+        )
+    return tree, history, start_epoch
 
 
 def _host_copy(tree: PyTree, sharding: NamedSharding) -> PyTree:
@@ -415,7 +429,8 @@ def fit(
 
     Raises:
       ValueError: bad ``epochs``/``batch_size``.
-      CheckpointError: the checkpoint to resume from is unusable or from another run/model.
+      CheckpointError: the checkpoint to resume from is damaged (its SHA-256 covers arrays and
+        metadata), from another run/model, or inconsistent; or ``checkpoint`` is not a file.
       FloatingPointError: the loss became NaN or inf; the message names the step.
     """
     mesh = data_mesh() if mesh is None else mesh
@@ -429,8 +444,10 @@ def fit(
     cfg = json.loads(json.dumps(cfg))
     shapes = {k: list(v[0]) for k, v in leaf_shapes(jax.device_get(params)).items()}
     meta_base = {"model": _model_name(loss_fn), "shapes": shapes, "config": cfg}
+    if checkpoint is not None and Path(checkpoint).exists() and not Path(checkpoint).is_file():
+        raise CheckpointError(f"checkpoint {checkpoint} exists and is not a regular file")
     if checkpoint is not None and resume and Path(checkpoint).exists():
-        state, history, start_epoch = _resume(checkpoint, state, cfg, config.epochs)
+        state, history, start_epoch = _resume(checkpoint, state, meta_base, config.epochs)
     step_fn = make_train_step(loss_fn, tx, mesh)
     carry = (_host_copy(state["params"], repl), _host_copy(state["opt_state"], repl))
     key = jax.device_put(jax.random.key(config.seed), repl)
