@@ -44,7 +44,15 @@ def _zipinfo(name: str) -> zipfile.ZipInfo:
 
 def write_zip(path, header_bytes: bytes, members: list[tuple[str, bytes]]) -> None:
     """An archive of ``header.json`` then ``<name>.npy`` members, as version 1 wrote it."""
-    with open(path, "wb") as f, zipfile.ZipFile(f, "w", zipfile.ZIP_STORED, allowZip64=True) as z:
+    if hasattr(path, "write"):
+        _write_zip(path, header_bytes, members)
+    else:
+        with open(path, "wb") as f:
+            _write_zip(f, header_bytes, members)
+
+
+def _write_zip(f, header_bytes: bytes, members: list[tuple[str, bytes]]) -> None:
+    with zipfile.ZipFile(f, "w", zipfile.ZIP_STORED, allowZip64=True) as z:
         z.writestr(_zipinfo(HEADER_NAME), header_bytes)
         for name, data in members:
             z.writestr(_zipinfo(name + ".npy"), data)
@@ -57,7 +65,7 @@ def legacy_members(params, *, format="auto", masks=None, activation=None):
     members = []
     for i, (arr, enc) in enumerate(zip(plan.leaves, plan.encodings, strict=True)):
         for role, a in zip(ROLES[enc], encode(enc, arr), strict=True):
-            if arr.dtype.kind == "c":  # version 1 stored complex payloads as complex arrays
+            if arr.dtype.kind == "c" and role in ("data", "values"):  # v1: complex as complex
                 a = from_storage(a, arr.dtype)
             members.append((f"{i}.{role}", npy_bytes(a)))
     for j, k in enumerate(plan.kept):
@@ -108,3 +116,46 @@ def _replace_last(path, data: bytes, digest: str) -> bytes:
     with open(path, "wb") as f:
         f.write(data)
     return data
+
+
+def assemble(entries: list[str], header_text: str, payload: bytes, *, length=None) -> bytes:
+    """A format-version-2 file from raw safetensors header entries (``'"name":{...}'``), the
+    prunejax header text and the payload, with a valid SHA-256 (``length`` overrides the 8-byte
+    header length field)."""
+    import struct
+
+    meta = f'"__metadata__":{{"prunejax":{json.dumps(header_text)},"prunejax.sha256":"{"0" * 64}"}}'
+    text = "{" + "".join(e + "," for e in entries) + meta + "}"
+    text += " " * (-len(text) % 8)
+    raw = text.encode()
+    n = len(raw) if length is None else length
+    data = struct.pack("<Q", n) + raw + payload
+    digest = hashlib.sha256(data).hexdigest().encode()
+    at = data.rindex(b'"prunejax.sha256":"') + len(b'"prunejax.sha256":"')
+    return data[:at] + digest + data[at + 64 :]
+
+
+def split_file(data: bytes) -> tuple[list[tuple[str, dict]], str, bytes]:
+    """``(entries as (name, dict) in file order, prunejax header text, payload)`` of a file."""
+    n = int.from_bytes(data[:8], "little")
+    outer = json.loads(data[8 : 8 + n])
+    meta = outer.pop("__metadata__")
+    entries = sorted(outer.items(), key=lambda kv: kv[1]["data_offsets"][0])
+    return entries, meta["prunejax"], data[8 + n :]
+
+
+def entry_text(name: str, entry: dict) -> str:
+    return f"{json.dumps(name)}:{json.dumps(entry, separators=(',', ':'))}"
+
+
+def tree_digest(tree) -> str:
+    """A digest of a pytree's structure, leaf kinds, dtypes, shapes and bytes (exact equality)."""
+    import jax
+
+    leaves, treedef = jax.tree_util.tree_flatten(tree)
+    d = hashlib.sha256(str(treedef).encode())
+    for x in leaves:
+        a = np.asarray(x)
+        d.update(f"{type(x).__module__}.{type(x).__name__}|{a.dtype}|{a.shape}|".encode())
+        d.update(np.ascontiguousarray(a).tobytes())
+    return d.hexdigest()

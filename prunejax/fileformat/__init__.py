@@ -4,10 +4,11 @@ A pruned model is mostly zeros, yet ``np.savez`` of its params is as large as th
 ``save`` writes each leaf in a form that stores only what is needed, and ``load`` gives back params
 of the same tree kind that produce identical outputs.
 
-Modules: ``container`` (the ZIP archive, its JSON header and checksum: write, read, byte counts),
-``encodings`` (per-leaf encode/decode), ``dtypes``, ``structure`` (the pytree as JSON),
-``compaction`` (compacted files), ``header`` and ``plan`` (the encoding of every leaf and the exact
-file size before writing; ``plan.leaf_bytes`` predicts one leaf).
+Modules: ``container`` (the safetensors file, its JSON headers and checksum: write, read, byte
+counts), ``legacy`` (the hardened reader of version-1 ZIP files), ``encodings`` (per-leaf
+encode/decode), ``dtypes``, ``structure`` (the pytree as JSON), ``compaction`` (compacted files),
+``header`` and ``plan`` (the encoding of every leaf and the exact file size before writing;
+``plan.leaf_bytes`` predicts one leaf).
 
 Encodings (per leaf; ``format=`` picks them, see ``save``):
 
@@ -24,38 +25,73 @@ Encodings (per leaf; ``format=`` picks them, see ``save``):
 * ``compact``: the whole MLP is first compacted (``prunejax.compact.compact``: dead units
   physically removed, constants folded into the next biases), then every leaf is dense.
 
-File format (version 1).  The file is a ZIP archive of uncompressed (``ZIP_STORED``) members, so
-``np.load(path, allow_pickle=False)`` opens it as an ``.npz``:
+Values: only finite weights are saved (``save`` refuses NaN and infinity, naming the leaf, so no
+NaN ever travels in a file and nothing is there to propagate).  The sparse encodings keep the
+entries ``!= 0``: a ``-0.0`` weight is a zero, not stored, and loads as ``+0.0`` (``dense`` and
+``compact`` keep the sign).  Outputs differ only in the sign of an exactly-zero result.
 
-* ``header.json`` (first member): UTF-8 JSON object with
-    ``magic`` (``"prunejax"``), ``format_version`` (``1``), ``library_version``,
-    ``format`` (the requested format), ``structure`` (the pytree, see below),
-    ``leaves`` (one entry per leaf in ``jax.tree_util`` flatten order: ``path`` such as
-    ``"Dense_0/kernel"``, ``encoding``, ``shape``, ``dtype`` name, ``array`` = ``"numpy"`` or
-    ``"jax"`` (the kind ``load`` gives back), ``nnz``),
-    ``compaction`` (``null``, or ``{"activation", "layers": [{"name", "kernel", "bias", "in",
-    "out"}]}`` with leaf indices and the ORIGINAL layer widths) and
-    ``checksum`` (``"sha256:<hex>"`` over the header without its checksum, serialised with sorted
-    keys and no spaces, followed by every array member's name and raw ``.npy`` bytes in order).
-* one ``.npy`` member per array, named ``"<leaf index>.<role>.npy"`` with roles ``data``
-  (dense), ``mask``/``values`` (bitmask), ``indptr``/``indices``/``data`` (csr),
-  ``indices``/``data`` (bcoo), plus ``kept.<layer>.npy`` (the original indices of the units
-  each layer keeps) for compacted files.  ``bfloat16`` payloads are stored as ``uint16`` bits.
-* ``structure`` is a JSON tree of nodes ``{"dict": [[key, node], ...]}`` (keys are JSON strings
-  or integers), ``{"frozendict": [...]}`` (Flax ``FrozenDict``), ``{"list": [node, ...]}``,
-  ``{"tuple": [...]}``, ``{"none": null}`` and ``{"leaf": index}``.
+File format (version 2; conventional extension ``EXTENSION`` = ``.safetensors``, e.g.
+``model.safetensors``).  The file is a valid safetensors file (https://github.com/huggingface/
+safetensors), so any safetensors reader opens its member arrays, and nothing in it is ever
+executed:
 
-Safety: ``load`` parses JSON and ``.npy`` arrays with ``allow_pickle=False`` only, so opening a
-downloaded file never executes code from it.  It verifies the ZIP CRCs, the member list, the
-format version and the SHA-256 checksum before decoding, and the bounds of every index array
-after; a truncated, corrupted, tampered or version-mismatched file raises ``FileFormatError``
-(a ``ValueError``), never returns garbage weights.  ``save`` writes to a temporary file in the
-destination directory and renames it into place (``os.replace``), so a crash never leaves a
-half-written file under the final name.
+* 8 bytes: the header length ``N`` (little-endian ``uint64``; ``load`` accepts at most
+  ``container.MAX_HEADER_BYTES`` = 64 MiB).
+* ``N`` bytes: the safetensors JSON header, padded with spaces to a multiple of 8.  One entry per
+  member array, ``"<name>": {"dtype", "shape", "data_offsets": [begin, end]}`` (offsets into the
+  data, written space-padded to 20 characters, so an entry's size never depends on its position),
+  in data order, then ``"__metadata__": {"prunejax": <the prunejax header, JSON text>,
+  "prunejax.sha256": <64 hex digits>}`` as the header's last entry.
+* the data: the member payloads, contiguous, little-endian, widest dtype first, so every payload
+  is aligned to its item size (memory-mappable).
 
-File size: every member costs its ``.npy`` bytes (header of 128 bytes for small shapes, plus the
-payload) and ``76 + 2 * len(member name)`` bytes of ZIP local and central headers; the archive
-ends with a 22-byte end record.  ``prunejax.report.size_report`` uses this model.
+Members: ``"<leaf index>.<role>"`` with roles ``data`` (dense), ``mask``/``values`` (bitmask),
+``indptr``/``indices``/``data`` (csr), ``indices``/``data`` (bcoo), plus ``kept.<layer>`` (the
+original indices of the units each layer keeps) in compacted files.  Payloads are stored in
+safetensors dtypes: ``bfloat16`` as its ``uint16`` bits (``U16``), complex values as pairs of
+reals (a trailing axis of 2: real, imaginary; ``F32`` for ``complex64``, ``F64`` for
+``complex128``).
+
+The prunejax header is a JSON object with ``magic`` (``"prunejax"``), ``format_version``
+(``2``), ``library_version``, ``format`` (the requested format), ``structure`` (the pytree, see
+below), ``leaves`` (one entry per leaf in ``jax.tree_util`` flatten order: ``path`` such as
+``"Dense_0/kernel"``, ``encoding``, ``shape``, ``dtype`` name, ``array`` = ``"numpy"`` or
+``"jax"`` (the kind ``load`` gives back), ``nnz``) and ``compaction`` (``null``, or
+``{"activation", "layers": [{"name", "kernel", "bias", "in", "out"}]}`` with leaf indices and the
+ORIGINAL layer widths).  ``structure`` is a JSON tree of nodes ``{"dict": [[key, node], ...]}``
+(keys are JSON strings or integers, one kind per dict), ``{"frozendict": [...]}`` (Flax
+``FrozenDict``), ``{"list": [node, ...]}``, ``{"tuple": [...]}``, ``{"none": null}`` and
+``{"leaf": index}``.
+
+Checksum: ``prunejax.sha256`` is the SHA-256 of the whole file (length, header, metadata, padding
+and data) with its own 64 digits read as ``"0"`` characters.  Any damaged byte fails it.
+
+Safety (``load``, ``load_header``): only regular files are opened (``O_NONBLOCK`` and ``fstat``
+first: a FIFO, directory or device raises at once).  Before anything is decoded, the header length
+is bounded, JSON is parsed with bounded size and nesting depth (measured before parsing) and
+duplicate keys are refused, the magic, version and checksum are verified, the safetensors offsets
+are validated by the safetensors library, and every member's shape and dtype must be what the
+prunejax header implies.  Declared shapes are then checked against ``max_bytes``/``max_elements``
+(after ``expand``), so a small file cannot make ``load`` allocate more than the caller allows
+(default 64 MiB, or 256 times the file size for files over 256 KiB).  Index arrays are
+bounds-checked while decoding.  Every failure raises ``FileFormatError`` (a ``ValueError``)
+naming what is wrong; a file is never half-accepted.  ``save`` writes to a temporary file in the
+destination directory and renames it into place (``prunejax._util.atomic_path``); temporary files
+left by a killed writer are removed at the next write to the same path.
+
+Version 1 (legacy, ``.pjz``/``.npz``): a ZIP archive of uncompressed ``.npy`` members behind a
+``header.json`` whose ``checksum`` (``"sha256:<hex>"``) covers the header without its checksum
+(sorted keys, no spaces) and every member's name and ``.npy`` bytes.  ``load`` still reads these
+files, hardened the same way (``prunejax.fileformat.legacy``): compressed or encrypted members,
+duplicate names, sizes beyond the file, oversized or deep or duplicate-keyed JSON and ``.npy``
+headers that disagree with the prunejax header are refused before anything is inflated or
+allocated.  ``save`` writes version 2 only; ``save(new, load(old))`` converts a file (a
+compacted file loads compacted: pass ``load(old, expand=True)`` and ``format="compact"`` with the
+model's ``activation=`` to keep its record of removed units).
+
+File size: every member costs its payload and its header entry (name, dtype, shape and the two
+20-character offsets, plus a comma); the file adds 8 bytes, the metadata entry and up to 7 bytes
+of padding.  ``prunejax.report.size_report`` uses this model.
 """
 
 from __future__ import annotations
@@ -89,7 +125,7 @@ __all__ = [
 ]
 
 #: ``load``'s default ``max_bytes`` is ``max(DEFAULT_MIN_BYTES, DEFAULT_RATIO * file size)``.
-DEFAULT_MIN_BYTES = 256 * 2**20
+DEFAULT_MIN_BYTES = 64 * 2**20
 DEFAULT_RATIO = 256
 
 
@@ -222,6 +258,19 @@ def check_budget(
             )
 
 
+def _as_kind(where: str, i: int, a: np.ndarray, meta: dict) -> object:
+    """A decoded leaf as the array kind it was saved as (JAX arrays keep their dtype or raise)."""
+    if meta["array"] != "jax":
+        return a
+    out = jnp.asarray(a)
+    if out.dtype != a.dtype:
+        raise FileFormatError(
+            f"{where!r}: leaf {i} ({meta['path']!r}) is a {a.dtype} JAX array, which this JAX "
+            f"configuration would silently turn into {out.dtype} (enable jax_enable_x64 to load it)"
+        )
+    return out
+
+
 def _check_limit(value: int | None, name: str) -> None:
     if value is not None and (
         not isinstance(value, int | np.integer) or isinstance(value, bool) or value < 0
@@ -245,8 +294,8 @@ def load(
         weights).  By default a compacted file loads compacted, the smaller and faster network.
       max_bytes: the most bytes the loaded params (every leaf, dense, after ``expand``) may take.
         Checked on the header before anything is decoded.  ``None`` (default):
-        ``max(DEFAULT_MIN_BYTES, DEFAULT_RATIO * file size)``, i.e. 256 MiB, or 256 times the
-        file for larger files; a sparse file whose weights expand further needs an explicit
+        ``max(DEFAULT_MIN_BYTES, DEFAULT_RATIO * file size)``, i.e. 64 MiB, or 256 times the
+        file for files over 256 KiB; a sparse file whose weights expand further needs an explicit
         limit.
       max_elements: the most entries the loaded params may hold in total (``None``: no limit
         besides ``max_bytes``).
@@ -295,8 +344,7 @@ def load(
         except FileFormatError as e:
             raise FileFormatError(f"{where!r}: {e}") from None
     leaves = [
-        jnp.asarray(a) if meta["array"] == "jax" else a
-        for a, meta in zip(leaves, header["leaves"], strict=True)
+        _as_kind(where, i, a, meta) for i, (a, meta) in enumerate(zip(leaves, header["leaves"]))
     ]
     used: set[int] = set()
     try:

@@ -290,7 +290,7 @@ def read(
     checksum = _verify_checksum(where, data, raw, meta)
     try:
         members = expected(header)
-    except ValueError as e:
+    except (ValueError, TypeError, KeyError, IndexError) as e:
         raise FileFormatError(f"{where!r} has a corrupted header ({e})") from None
     arrays = _tensors(where, data)
     if sorted(arrays) != sorted(n for n, _, _ in members) or len(members) != len(arrays):

@@ -94,6 +94,9 @@ def check_leaf_entry(i: int, leaf: object) -> tuple[int, ...]:
         or not all(_is_int(s) and 0 <= s <= MAX_DIM for s in shape)
     ):
         raise ValueError(f"{name} has a bad shape {shape!r}")
+    for key in ("dtype", "encoding", "array"):
+        if not isinstance(leaf.get(key), str):
+            raise ValueError(f"{name} has a bad {key} {leaf.get(key)!r}")
     if leaf.get("dtype") not in DTYPES:
         raise ValueError(f"{name} has an unknown dtype {leaf.get('dtype')!r}")
     if leaf.get("encoding") not in ENCODINGS:

@@ -165,7 +165,7 @@ def read(
             header = check_version(where, header, LEGACY_VERSION)
             try:
                 members = expected(header)
-            except ValueError as e:
+            except (ValueError, TypeError, KeyError, IndexError) as e:
                 raise FileFormatError(f"{where!r} has a corrupted header ({e})") from None
             names = [n for n, _, _ in members]
             if sorted(n + ".npy" for n in names) != sorted(set(infos) - {HEADER_NAME}):

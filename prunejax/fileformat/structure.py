@@ -122,6 +122,8 @@ def rebuild_structure(node: Any, leaves: list[Any], used: set[int]) -> PyTree:
             if item[0] in out:
                 raise FileFormatError(f"corrupted header: duplicate dict key {item[0]!r}")
             out[item[0]] = rebuild_structure(item[1], leaves, used)
+        if len({type(k) for k in out}) > 1:
+            raise FileFormatError("corrupted header: a dict mixes str and int keys")
         if kind == "frozendict":
             from flax.core import FrozenDict
 
