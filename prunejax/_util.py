@@ -64,6 +64,7 @@ __all__ = [
     "read_regular_file",
     "loads_json_bounded",
     "json_depth",
+    "json_shape",
     "atomic_write_bytes",
     "atomic_write_text",
     "cache_dir",
@@ -622,8 +623,50 @@ def read_regular_file(
         os.close(fd)
 
 
+def _json_chunk(a: np.ndarray, state: tuple[int, bool, int]) -> tuple[int, int, tuple]:
+    """Depth, token count and carried state of one chunk of JSON text (see ``json_shape``)."""
+    run, inside, depth = state
+    pos = np.arange(a.size, dtype=np.int64)
+    backslash = a == ord("\\")
+    last_other = np.maximum.accumulate(np.where(backslash, -1, pos))
+    run_before = np.empty(a.size, np.int64)  # backslashes immediately before each byte
+    run_before[0] = run
+    run_before[1:] = np.where(last_other[:-1] >= 0, pos[:-1] - last_other[:-1], run + pos[1:])
+    quote = (a == ord('"')) & (run_before % 2 == 0)
+    quotes = np.cumsum(quote) + int(inside)
+    outside = (quotes % 2 == 0) & ~quote
+    opens = outside & ((a == ord("[")) | (a == ord("{")))
+    closes = outside & ((a == ord("]")) | (a == ord("}")))
+    levels = np.cumsum(opens.astype(np.int64) - closes) + depth
+    tokens = int(np.count_nonzero(opens | (outside & ((a == ord(",")) | (a == ord(":"))))))
+    run = run + a.size if last_other[-1] < 0 else a.size - 1 - int(last_other[-1])
+    return int(levels.max()), tokens, (run, bool(quotes[-1] % 2), int(levels[-1]))
+
+
+def json_shape(raw: bytes, *, chunk: int = 1 << 18) -> tuple[int, int]:
+    """The nesting depth and token count of JSON text, outside strings, in O(n) time and O(chunk)
+    memory (vectorised over chunks), without parsing it.
+
+    Args:
+      raw: JSON text (UTF-8 bytes).
+      chunk: bytes examined at a time.
+
+    Returns:
+      ``(depth, tokens)``: the largest number of open brackets at any point (0 for a scalar) and
+      the number of ``[``, ``{``, ``,`` and ``:`` outside strings (each value the parser would
+      build costs at most one).
+    """
+    data = np.frombuffer(bytes(raw), np.uint8)
+    state: tuple = (0, False, 0)
+    depth = tokens = 0
+    for start in range(0, data.size, chunk):
+        d, t, state = _json_chunk(data[start : start + chunk], state)
+        depth, tokens = max(depth, d), tokens + t
+    return depth, tokens
+
+
 def json_depth(raw: bytes) -> int:
-    """The deepest nesting of arrays and objects in JSON text, outside strings (vectorised, O(n)).
+    """The deepest nesting of arrays and objects in JSON text, outside strings (``json_shape``).
 
     Args:
       raw: JSON text (UTF-8 bytes).
@@ -631,20 +674,7 @@ def json_depth(raw: bytes) -> int:
     Returns:
       The largest number of open brackets at any point (0 for a scalar).
     """
-    a = np.frombuffer(bytes(raw), np.uint8)
-    if a.size == 0:
-        return 0
-    pos = np.arange(a.size)
-    backslash = a == ord("\\")
-    last_other = np.maximum.accumulate(np.where(backslash, -1, pos))
-    run_before = np.zeros(a.size, np.int64)  # backslashes immediately before each byte
-    run_before[1:] = (pos[:-1] - last_other[:-1]).astype(np.int64)
-    quote = (a == ord('"')) & (run_before % 2 == 0)
-    outside = np.cumsum(quote) % 2 == 0
-    step = ((a == ord("[")) | (a == ord("{"))).astype(np.int64)
-    step -= ((a == ord("]")) | (a == ord("}"))).astype(np.int64)
-    depth = np.cumsum(np.where(outside & ~quote, step, 0))
-    return int(depth.max(initial=0))
+    return json_shape(raw)[0]
 
 
 def _unique_pairs(pairs: list[tuple[str, Any]]) -> dict:
@@ -656,17 +686,22 @@ def _unique_pairs(pairs: list[tuple[str, Any]]) -> dict:
     return out
 
 
-def loads_json_bounded(raw: bytes, *, max_bytes: int, max_depth: int) -> Any:
-    """Parse untrusted JSON with bounded size and nesting depth, rejecting duplicate keys.
+def loads_json_bounded(
+    raw: bytes, *, max_bytes: int, max_depth: int, max_tokens: int = 1_000_000
+) -> Any:
+    """Parse untrusted JSON with bounded size, nesting depth and value count, rejecting duplicate
+    keys.
 
-    The depth is measured on the raw bytes (strings skipped) BEFORE the parser runs, so deeply
-    nested input raises ``ValueError`` rather than ``RecursionError``.  ``NaN``/``Infinity`` are
-    refused.
+    Depth and token count are measured on the raw bytes (strings skipped) BEFORE the parser runs,
+    so deeply nested input raises ``ValueError`` rather than ``RecursionError``, and the Python
+    objects the parser builds stay bounded (about 64 bytes per token at most, besides the text).
+    ``NaN``/``Infinity`` are refused.
 
     Args:
       raw: UTF-8 JSON text.
       max_bytes: the largest accepted size.
       max_depth: the deepest accepted nesting of arrays and objects.
+      max_tokens: the most brackets, commas and colons (outside strings) accepted.
 
     Returns:
       The parsed value.
@@ -677,8 +712,11 @@ def loads_json_bounded(raw: bytes, *, max_bytes: int, max_depth: int) -> Any:
     """
     if len(raw) > max_bytes:
         raise ValueError(f"JSON of {len(raw):,} bytes exceeds the limit of {max_bytes:,}")
-    if json_depth(raw) > max_depth:
+    depth, tokens = json_shape(raw)
+    if depth > max_depth:
         raise ValueError(f"JSON nested deeper than {max_depth} levels")
+    if tokens > max_tokens:
+        raise ValueError(f"JSON of more than {max_tokens:,} values")
 
     def bad_constant(name: str) -> None:
         raise ValueError(f"non-finite number {name}")

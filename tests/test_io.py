@@ -440,6 +440,7 @@ def test_duplicate_keys_and_deep_nesting_are_refused(saved):
     for inner, msg in (
         (dup, "duplicate key 'format'"),
         (text[:-1] + ', "deep": ' + "[" * 100_000 + "]" * 100_000 + "}", "nested deeper"),
+        (text[:-1] + ', "wide": [' + "{}," * 1_500_000 + "{}]}", "more than 1,000,000 values"),
     ):
         write_raw(f, inner, members)
         with pytest.raises(FileFormatError, match=msg):
