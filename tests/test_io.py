@@ -770,3 +770,12 @@ def test_a_float64_jax_leaf_is_not_silently_narrowed(tmp_path):
     else:
         with pytest.raises(FileFormatError, match=r"leaf 0 \('w'\).*float64.*jax_enable_x64"):
             load(f)
+
+
+def test_legacy_archive_with_too_many_members_is_refused_before_listing(tmp_path):
+    f = tmp_path / "many.pjz"
+    with zipfile.ZipFile(f, "w") as z:
+        for i in range(100_001):
+            z.writestr(zipfile.ZipInfo(f"{i}"), b"")
+    with pytest.raises(FileFormatError, match="declares 100,001 members"):
+        load(f)

@@ -34,6 +34,8 @@ from prunejax.fileformat.errors import FileFormatError
 __all__ = ["HEADER_NAME", "is_legacy", "read"]
 
 HEADER_NAME = "header.json"
+#: The most archive members a reader accepts (each costs a few hundred bytes of ``ZipInfo``).
+MAX_MEMBERS = 100_000
 _ZIP_ERRORS = (
     zipfile.BadZipFile,
     zipfile.LargeZipFile,
@@ -60,6 +62,23 @@ def is_legacy(data: bytes) -> bool:
       True for a ZIP local-file or empty-archive signature.
     """
     return data[:4] in (b"PK\x03\x04", b"PK\x05\x06")
+
+
+def _member_count(where: str, data: bytes) -> None:
+    """Refuse an archive whose central directory declares more than ``MAX_MEMBERS`` entries,
+    before ``zipfile`` builds an object per entry (the end records are read directly)."""
+    end = data.rfind(b"PK\x05\x06", max(0, len(data) - 65_557))
+    if end < 0 or end + 22 > len(data):
+        return  # zipfile reports the archive as unreadable
+    (count,) = struct.unpack("<H", data[end + 10 : end + 12])
+    if count == 0xFFFF and end >= 20 and data[end - 20 : end - 16] == b"PK\x06\x07":
+        (at,) = struct.unpack("<Q", data[end - 12 : end - 4])
+        if at + 40 <= len(data) and data[at : at + 4] == b"PK\x06\x06":
+            (count,) = struct.unpack("<Q", data[at + 32 : at + 40])
+    if count > MAX_MEMBERS:
+        raise FileFormatError(
+            f"{where!r}: the archive declares {count:,} members (at most {MAX_MEMBERS:,})"
+        )
 
 
 def _infos(where: str, zf: zipfile.ZipFile, size: int) -> dict[str, zipfile.ZipInfo]:
@@ -152,6 +171,7 @@ def read(
     Raises:
       FileFormatError: anything wrong with the archive, the header or the members.
     """
+    _member_count(where, data)
     try:
         with zipfile.ZipFile(io.BytesIO(data)) as zf:
             infos = _infos(where, zf, len(data))
