@@ -13,9 +13,11 @@ for the third array of a Keras list.  Error messages always name the path.
 from __future__ import annotations
 
 import contextlib
+import json
 import math
 import os
 import re
+import stat
 import tempfile
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
@@ -58,6 +60,11 @@ __all__ = [
     "check_int",
     "is_int",
     "atomic_path",
+    "remove_stale_temps",
+    "read_regular_file",
+    "loads_json_bounded",
+    "json_depth",
+    "json_shape",
     "atomic_write_bytes",
     "atomic_write_text",
     "cache_dir",
@@ -440,6 +447,61 @@ def check_block(block: Any) -> tuple[int, int]:
 # ----------------------------------------------------------------------------- files
 
 
+_TMP_TAG = ".pjtmp"
+
+
+def _tmp_pattern(path: Path, suffix: str) -> re.Pattern:
+    """The names of ``atomic_path``'s temporary files for ``path`` (group 1: the writer's PID)."""
+    return re.compile(
+        rf"\.{re.escape(path.name)}{re.escape(_TMP_TAG)}(\d+)\.[A-Za-z0-9_]+{re.escape(suffix)}"
+    )
+
+
+def _pid_alive(pid: int) -> bool:
+    if pid <= 0:
+        return True  # never ours to judge
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OverflowError):
+        return True  # alive under another user, or not a PID: leave it
+    return True
+
+
+def remove_stale_temps(path: str | os.PathLike, *, suffix: str = ".tmp") -> list[Path]:
+    """Remove the temporary files a killed ``atomic_path`` writer left beside ``path``.
+
+    A temporary file is named ``.<name>.pjtmp<pid>.<random><suffix>``; it is removed only if it is
+    a regular file (not a link) and no process with that PID is alive on this machine.  Files of
+    live writers, and names that do not match, are left alone.
+
+    Args:
+      path: the destination whose stale temporary files are removed.
+      suffix: the temporary files' suffix (as given to ``atomic_path``).
+
+    Returns:
+      The removed paths.
+    """
+    path = Path(path)
+    pattern = _tmp_pattern(path, suffix)
+    removed = []
+    try:
+        names = os.listdir(path.parent)
+    except OSError:
+        return removed
+    for name in names:
+        m = pattern.fullmatch(name)
+        if m is None or _pid_alive(int(m.group(1))):
+            continue
+        tmp = path.parent / name
+        with contextlib.suppress(OSError):
+            if stat.S_ISREG(os.lstat(tmp).st_mode):
+                os.unlink(tmp)
+                removed.append(tmp)
+    return removed
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike, *, suffix: str = ".tmp") -> Iterator[Path]:
     """Write a file atomically: yield a temporary path beside ``path``, then rename it into place.
@@ -448,7 +510,10 @@ def atomic_path(path: str | os.PathLike, *, suffix: str = ".tmp") -> Iterator[Pa
     disk (``fsync``), given the permissions a plain ``open`` would give (``0o666 & ~umask``;
     ``mkstemp`` makes files private) and renamed over ``path`` with ``os.replace``, so readers see
     either the old file or the complete new one, never a partial write.  On any exception the
-    temporary file is removed and the exception propagates.
+    temporary file is removed and the exception propagates.  The temporary name carries the
+    writer's PID (``.<name>.pjtmp<pid>.<random><suffix>``): temporary files left by a writer that
+    was killed (its PID no longer alive) are removed at the next write to the same ``path``
+    (:func:`remove_stale_temps`).
 
     Args:
       path: the destination.  Its directory is created if missing.
@@ -459,7 +524,10 @@ def atomic_path(path: str | os.PathLike, *, suffix: str = ".tmp") -> Iterator[Pa
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=suffix)
+    remove_stale_temps(path, suffix=suffix)
+    fd, tmp = tempfile.mkstemp(
+        dir=path.parent, prefix=f".{path.name}{_TMP_TAG}{os.getpid()}.", suffix=suffix
+    )
     os.close(fd)
     try:
         yield Path(tmp)
@@ -505,3 +573,160 @@ def cache_dir(*, create: bool = False) -> Path:
     if create:
         d.mkdir(parents=True, exist_ok=True)
     return d
+
+
+# ----------------------------------------------------------------------------- reading files
+
+
+def read_regular_file(
+    path: str | os.PathLike, *, error: type[Exception] = ValueError, what: str = "file"
+) -> bytes:
+    """The bytes of a regular file, refusing anything else at once (never blocking).
+
+    The file is opened with ``O_NONBLOCK`` and checked with ``fstat`` before anything is read, so
+    a FIFO, a directory, a socket or a device raises instead of blocking or streaming forever.
+
+    Args:
+      path: the file.
+      error: the exception type raised for a path that is not a regular file.
+      what: what the file is (for messages).
+
+    Returns:
+      Its bytes (exactly the size ``fstat`` reported when it was opened).
+
+    Raises:
+      FileNotFoundError, PermissionError: as ``open``.
+      error: the path is not a regular file, or it shrank while being read.
+    """
+    where = os.fspath(path)
+    flags = os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0)
+    try:
+        fd = os.open(where, flags)
+    except IsADirectoryError:
+        raise error(f"{where!r} is a directory, not a {what}") from None
+    try:
+        st = os.fstat(fd)
+        if stat.S_ISDIR(st.st_mode):
+            raise error(f"{where!r} is a directory, not a {what}")
+        if not stat.S_ISREG(st.st_mode):
+            raise error(f"{where!r} is not a regular file (a {what} must be one)")
+        size = st.st_size
+        chunks, got = [], 0
+        while got < size:
+            chunk = os.read(fd, min(size - got, 1 << 24))
+            if not chunk:
+                raise error(f"{where!r} shrank while it was being read")
+            chunks.append(chunk)
+            got += len(chunk)
+        return b"".join(chunks)
+    finally:
+        os.close(fd)
+
+
+def _json_chunk(a: np.ndarray, state: tuple[int, bool, int]) -> tuple[int, int, tuple]:
+    """Depth, token count and carried state of one chunk of JSON text (see ``json_shape``)."""
+    run, inside, depth = state
+    pos = np.arange(a.size, dtype=np.int64)
+    backslash = a == ord("\\")
+    last_other = np.maximum.accumulate(np.where(backslash, -1, pos))
+    run_before = np.empty(a.size, np.int64)  # backslashes immediately before each byte
+    run_before[0] = run
+    run_before[1:] = np.where(last_other[:-1] >= 0, pos[:-1] - last_other[:-1], run + pos[1:])
+    quote = (a == ord('"')) & (run_before % 2 == 0)
+    quotes = np.cumsum(quote) + int(inside)
+    outside = (quotes % 2 == 0) & ~quote
+    opens = outside & ((a == ord("[")) | (a == ord("{")))
+    closes = outside & ((a == ord("]")) | (a == ord("}")))
+    levels = np.cumsum(opens.astype(np.int64) - closes) + depth
+    tokens = int(np.count_nonzero(opens | (outside & ((a == ord(",")) | (a == ord(":"))))))
+    run = run + a.size if last_other[-1] < 0 else a.size - 1 - int(last_other[-1])
+    return int(levels.max()), tokens, (run, bool(quotes[-1] % 2), int(levels[-1]))
+
+
+def json_shape(raw: bytes, *, chunk: int = 1 << 18) -> tuple[int, int]:
+    """The nesting depth and token count of JSON text, outside strings, in O(n) time and O(chunk)
+    memory (vectorised over chunks), without parsing it.
+
+    Args:
+      raw: JSON text (UTF-8 bytes).
+      chunk: bytes examined at a time.
+
+    Returns:
+      ``(depth, tokens)``: the largest number of open brackets at any point (0 for a scalar) and
+      the number of ``[``, ``{``, ``,`` and ``:`` outside strings (each value the parser would
+      build costs at most one).
+    """
+    data = np.frombuffer(bytes(raw), np.uint8)
+    state: tuple = (0, False, 0)
+    depth = tokens = 0
+    for start in range(0, data.size, chunk):
+        d, t, state = _json_chunk(data[start : start + chunk], state)
+        depth, tokens = max(depth, d), tokens + t
+    return depth, tokens
+
+
+def json_depth(raw: bytes) -> int:
+    """The deepest nesting of arrays and objects in JSON text, outside strings (``json_shape``).
+
+    Args:
+      raw: JSON text (UTF-8 bytes).
+
+    Returns:
+      The largest number of open brackets at any point (0 for a scalar).
+    """
+    return json_shape(raw)[0]
+
+
+def _unique_pairs(pairs: list[tuple[str, Any]]) -> dict:
+    out: dict = {}
+    for k, v in pairs:
+        if k in out:
+            raise ValueError(f"duplicate key {k!r}")
+        out[k] = v
+    return out
+
+
+def loads_json_bounded(
+    raw: bytes, *, max_bytes: int, max_depth: int, max_tokens: int = 1_000_000
+) -> Any:
+    """Parse untrusted JSON with bounded size, nesting depth and value count, rejecting duplicate
+    keys.
+
+    Depth and token count are measured on the raw bytes (strings skipped) BEFORE the parser runs,
+    so deeply nested input raises ``ValueError`` rather than ``RecursionError``, and the Python
+    objects the parser builds stay bounded (about 64 bytes per token at most, besides the text).
+    ``NaN``/``Infinity`` are refused.
+
+    Args:
+      raw: UTF-8 JSON text.
+      max_bytes: the largest accepted size.
+      max_depth: the deepest accepted nesting of arrays and objects.
+      max_tokens: the most brackets, commas and colons (outside strings) accepted.
+
+    Returns:
+      The parsed value.
+
+    Raises:
+      ValueError: too large, too deep, invalid UTF-8 or JSON, a duplicate key, or a non-finite
+        number (the message says which).
+    """
+    if len(raw) > max_bytes:
+        raise ValueError(f"JSON of {len(raw):,} bytes exceeds the limit of {max_bytes:,}")
+    depth, tokens = json_shape(raw)
+    if depth > max_depth:
+        raise ValueError(f"JSON nested deeper than {max_depth} levels")
+    if tokens > max_tokens:
+        raise ValueError(f"JSON of more than {max_tokens:,} values")
+
+    def bad_constant(name: str) -> None:
+        raise ValueError(f"non-finite number {name}")
+
+    try:
+        text = bytes(raw).decode("utf-8")
+        return json.loads(text, object_pairs_hook=_unique_pairs, parse_constant=bad_constant)
+    except UnicodeDecodeError as e:
+        raise ValueError(f"invalid UTF-8 ({e})") from None
+    except json.JSONDecodeError as e:
+        raise ValueError(f"invalid JSON ({e})") from None
+    except RecursionError:  # pragma: no cover - the depth check comes first
+        raise ValueError("JSON nested too deeply") from None

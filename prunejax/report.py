@@ -6,9 +6,11 @@ CSR, BCOO, compacted, and the per-leaf smallest), the density below which each s
 dense, how many FLOPs one example costs dense, sparse and compacted, and how large the saved file
 really is.
 
-Byte counts are exact file bytes, not payload estimates: every member of the ``.npz`` archive
-costs its payload, a ``.npy`` header (128 bytes for ordinary shapes) and ``76 + 2 * len(name)``
-bytes of ZIP headers; a file adds its JSON header and a 22-byte end record (see
+Byte counts are exact file bytes, not payload estimates: every member of the safetensors file
+costs its payload and its entry in the file's JSON header (about 100 bytes: name, dtype, shape and
+two data offsets padded to 20 digits each, so the entry's size does not depend on where the
+member lies); a file adds its 8-byte header length, the prunejax header (JSON, stored as a string
+in the safetensors metadata) with its SHA-256, and up to 7 spaces of padding (see
 ``prunejax.fileformat``).  The predicted size of each whole file (``prunejax.fileformat.plan``)
 therefore matches ``save``'s output to the byte, which the tests check.
 
@@ -30,7 +32,7 @@ from typing import Any
 import numpy as np
 
 from prunejax._util import PyTree, dense_layers
-from prunejax.fileformat import load_header, save
+from prunejax.fileformat import EXTENSION, load_header, save
 from prunejax.fileformat.plan import Plan, check_format, leaf_bytes, plan_tree
 
 __all__ = ["LayerSize", "SizeReport", "size_report"]
@@ -104,7 +106,7 @@ class SizeReport:
     Attributes:
       layers: one ``LayerSize`` per dense layer (forward order), then one per other leaf.
       predicted_file_bytes: exact size of the file ``prunejax.fileformat.save`` writes in each
-        format of ``COLUMNS`` (JSON header and archive overhead included; ``None`` where the
+        format of ``COLUMNS`` (JSON header and container overhead included; ``None`` where the
         format does not apply).
       file_format: the format of the measured file.
       file_bytes: the measured size of that file.
@@ -362,7 +364,7 @@ def size_report(
         file_format, file_bytes, file_path = header["format"], os.path.getsize(path), path
     else:
         with tempfile.TemporaryDirectory() as d:
-            tmp = os.path.join(d, "model.npz")
+            tmp = os.path.join(d, "model" + EXTENSION)
             file_bytes = save(tmp, params, format=format, masks=masks, activation=activation)
         file_format, file_path = check_format(format), None
     return SizeReport(

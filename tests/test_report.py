@@ -38,7 +38,7 @@ def test_every_format_prediction_matches_the_written_file(tmp_path, kind, activa
     rep = size_report(params, activation=activation)
     for fmt in COLUMNS:
         act = jax.nn.relu if fmt == "compact" else activation
-        size = save(tmp_path / f"{fmt}.npz", params, format=fmt, activation=act)
+        size = save(tmp_path / f"{fmt}.safetensors", params, format=fmt, activation=act)
         predicted = rep.predicted_file_bytes[fmt]
         assert abs(size - predicted) <= 0.05 * size, (fmt, size, predicted)
         if fmt != "compact" or activation is not None:
@@ -52,7 +52,7 @@ def test_lenet_prediction_matches_the_file_for_every_format(tmp_path):
     params = lenet_han()
     rep = size_report(params, activation=jax.nn.relu)
     for fmt in COLUMNS:
-        size = save(tmp_path / f"{fmt}.npz", params, format=fmt, activation=jax.nn.relu)
+        size = save(tmp_path / f"{fmt}.safetensors", params, format=fmt, activation=jax.nn.relu)
         assert abs(size - rep.predicted_file_bytes[fmt]) <= 0.05 * size
     assert rep.file_bytes <= rep.predicted_file_bytes["dense"] / 6
 
@@ -81,7 +81,7 @@ def test_per_layer_counts_and_flops():
     assert t["flops_compact"] == sum(r.flops_compact for r in rep.layers)
     for c in COLUMNS:
         assert t["bytes"][c] == sum(r.bytes[c] for r in rep.layers)
-        # the whole file adds only its JSON header and the end record to the members
+        # the whole file adds only its JSON header (and padding) to the members
         assert 0 < rep.predicted_file_bytes[c] - t["bytes"][c] < 4000
 
 
@@ -101,8 +101,8 @@ def test_bytes_per_format_follow_the_documented_model():
         kernel = r.bytes[fmt] - bias
         n_members = len(ROLES[fmt])
         overhead = kernel - p
-        # .npy header (128 B) and zip headers (76 B + 2 * name) per member
-        assert n_members * 200 <= overhead <= n_members * 250, (fmt, overhead)
+        # the member's safetensors header entry (name, dtype, shape, 2 x 20-digit offsets)
+        assert n_members * 90 <= overhead <= n_members * 115, (fmt, overhead)
 
 
 def test_break_even_densities():
@@ -150,7 +150,7 @@ def test_str_and_to_dict(tmp_path):
 
 def test_path_measures_an_existing_file(tmp_path):
     params = make_mlp([30, 20, 5], [0.2, 0.5], seed=4)
-    f = tmp_path / "m.npz"
+    f = tmp_path / "m.safetensors"
     n = save(f, params, format="bcoo")
     rep = size_report(params, path=f)
     assert isinstance(rep, SizeReport)
@@ -158,7 +158,7 @@ def test_path_measures_an_existing_file(tmp_path):
     assert rep.predicted_file_bytes["bcoo"] == n
     assert str(f) in str(rep)
     with pytest.raises(FileNotFoundError):
-        size_report(params, path=tmp_path / "missing.npz")
+        size_report(params, path=tmp_path / "missing.safetensors")
 
 
 def test_non_mlp_tree_has_no_compact_column():

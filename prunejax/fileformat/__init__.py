@@ -4,10 +4,11 @@ A pruned model is mostly zeros, yet ``np.savez`` of its params is as large as th
 ``save`` writes each leaf in a form that stores only what is needed, and ``load`` gives back params
 of the same tree kind that produce identical outputs.
 
-Modules: ``container`` (the ZIP archive, its JSON header and checksum: write, read, byte counts),
-``encodings`` (per-leaf encode/decode), ``dtypes``, ``structure`` (the pytree as JSON),
-``compaction`` (compacted files), ``header`` and ``plan`` (the encoding of every leaf and the exact
-file size before writing; ``plan.leaf_bytes`` predicts one leaf).
+Modules: ``container`` (the safetensors file, its JSON headers and checksum: write, read, byte
+counts), ``legacy`` (the hardened reader of version-1 ZIP files), ``encodings`` (per-leaf
+encode/decode), ``dtypes``, ``structure`` (the pytree as JSON), ``compaction`` (compacted files),
+``header`` and ``plan`` (the encoding of every leaf and the exact file size before writing;
+``plan.leaf_bytes`` predicts one leaf).
 
 Encodings (per leaf; ``format=`` picks them, see ``save``):
 
@@ -24,57 +25,108 @@ Encodings (per leaf; ``format=`` picks them, see ``save``):
 * ``compact``: the whole MLP is first compacted (``prunejax.compact.compact``: dead units
   physically removed, constants folded into the next biases), then every leaf is dense.
 
-File format (version 1).  The file is a ZIP archive of uncompressed (``ZIP_STORED``) members, so
-``np.load(path, allow_pickle=False)`` opens it as an ``.npz``:
+Values: only finite weights are saved (``save`` refuses NaN and infinity, naming the leaf, so no
+NaN ever travels in a file and nothing is there to propagate).  The sparse encodings keep the
+entries ``!= 0``: a ``-0.0`` weight is a zero, not stored, and loads as ``+0.0`` (``dense`` and
+``compact`` keep the sign).  Outputs differ only in the sign of an exactly-zero result.
 
-* ``header.json`` (first member): UTF-8 JSON object with
-    ``magic`` (``"prunejax"``), ``format_version`` (``1``), ``library_version``,
-    ``format`` (the requested format), ``structure`` (the pytree, see below),
-    ``leaves`` (one entry per leaf in ``jax.tree_util`` flatten order: ``path`` such as
-    ``"Dense_0/kernel"``, ``encoding``, ``shape``, ``dtype`` name, ``array`` = ``"numpy"`` or
-    ``"jax"`` (the kind ``load`` gives back), ``nnz``),
-    ``compaction`` (``null``, or ``{"activation", "layers": [{"name", "kernel", "bias", "in",
-    "out"}]}`` with leaf indices and the ORIGINAL layer widths) and
-    ``checksum`` (``"sha256:<hex>"`` over the header without its checksum, serialised with sorted
-    keys and no spaces, followed by every array member's name and raw ``.npy`` bytes in order).
-* one ``.npy`` member per array, named ``"<leaf index>.<role>.npy"`` with roles ``data``
-  (dense), ``mask``/``values`` (bitmask), ``indptr``/``indices``/``data`` (csr),
-  ``indices``/``data`` (bcoo), plus ``kept.<layer>.npy`` (the original indices of the units
-  each layer keeps) for compacted files.  ``bfloat16`` payloads are stored as ``uint16`` bits.
-* ``structure`` is a JSON tree of nodes ``{"dict": [[key, node], ...]}`` (keys are JSON strings
-  or integers), ``{"frozendict": [...]}`` (Flax ``FrozenDict``), ``{"list": [node, ...]}``,
-  ``{"tuple": [...]}``, ``{"none": null}`` and ``{"leaf": index}``.
+File format (version 2; conventional extension ``EXTENSION`` = ``.safetensors``, e.g.
+``model.safetensors``).  The file is a valid safetensors file (https://github.com/huggingface/
+safetensors), so any safetensors reader opens its member arrays, and nothing in it is ever
+executed:
 
-Safety: ``load`` parses JSON and ``.npy`` arrays with ``allow_pickle=False`` only, so opening a
-downloaded file never executes code from it.  It verifies the ZIP CRCs, the member list, the
-format version and the SHA-256 checksum before decoding, and the bounds of every index array
-after; a truncated, corrupted, tampered or version-mismatched file raises ``FileFormatError``
-(a ``ValueError``), never returns garbage weights.  ``save`` writes to a temporary file in the
-destination directory and renames it into place (``os.replace``), so a crash never leaves a
-half-written file under the final name.
+* 8 bytes: the header length ``N`` (little-endian ``uint64``; ``load`` accepts at most
+  ``container.MAX_HEADER_BYTES`` = 64 MiB).
+* ``N`` bytes: the safetensors JSON header, padded with spaces to a multiple of 8.  One entry per
+  member array, ``"<name>": {"dtype", "shape", "data_offsets": [begin, end]}`` (offsets into the
+  data, written space-padded to 20 characters, so an entry's size never depends on its position),
+  in data order, then ``"__metadata__": {"prunejax": <the prunejax header, JSON text>,
+  "prunejax.sha256": <64 hex digits>}`` as the header's last entry.
+* the data: the member payloads, contiguous, little-endian, widest dtype first, so every payload
+  is aligned to its item size (memory-mappable).
 
-File size: every member costs its ``.npy`` bytes (header of 128 bytes for small shapes, plus the
-payload) and ``76 + 2 * len(member name)`` bytes of ZIP local and central headers; the archive
-ends with a 22-byte end record.  ``prunejax.report.size_report`` uses this model.
+Members: ``"<leaf index>.<role>"`` with roles ``data`` (dense), ``mask``/``values`` (bitmask),
+``indptr``/``indices``/``data`` (csr), ``indices``/``data`` (bcoo), plus ``kept.<layer>`` (the
+original indices of the units each layer keeps) in compacted files.  Payloads are stored in
+safetensors dtypes: ``bfloat16`` as its ``uint16`` bits (``U16``), complex values as pairs of
+reals (a trailing axis of 2: real, imaginary; ``F32`` for ``complex64``, ``F64`` for
+``complex128``).
+
+The prunejax header is a JSON object with ``magic`` (``"prunejax"``), ``format_version``
+(``2``), ``library_version``, ``format`` (the requested format), ``structure`` (the pytree, see
+below), ``leaves`` (one entry per leaf in ``jax.tree_util`` flatten order: ``path`` such as
+``"Dense_0/kernel"``, ``encoding``, ``shape``, ``dtype`` name, ``array`` = ``"numpy"`` or
+``"jax"`` (the kind ``load`` gives back), ``nnz``) and ``compaction`` (``null``, or
+``{"activation", "layers": [{"name", "kernel", "bias", "in", "out"}]}`` with leaf indices and the
+ORIGINAL layer widths).  ``structure`` is a JSON tree of nodes ``{"dict": [[key, node], ...]}``
+(keys are JSON strings or integers, one kind per dict), ``{"frozendict": [...]}`` (Flax
+``FrozenDict``), ``{"list": [node, ...]}``, ``{"tuple": [...]}``, ``{"none": null}`` and
+``{"leaf": index}``.
+
+Checksum: ``prunejax.sha256`` is the SHA-256 of the whole file (length, header, metadata, padding
+and data) with its own 64 digits read as ``"0"`` characters.  Any damaged byte fails it.
+
+Safety (``load``, ``load_header``): only regular files are opened (``O_NONBLOCK`` and ``fstat``
+first: a FIFO, directory or device raises at once).  Before anything is decoded, the header length
+is bounded, JSON is parsed with bounded size and nesting depth (measured before parsing) and
+duplicate keys are refused, the magic, version and checksum are verified, the safetensors offsets
+are validated by the safetensors library, and every member's shape and dtype must be what the
+prunejax header implies.  Declared shapes are then checked against ``max_bytes``/``max_elements``
+(after ``expand``), so a small file cannot make ``load`` allocate more than the caller allows
+(default 64 MiB, or 256 times the file size for files over 256 KiB).  Index arrays are
+bounds-checked while decoding.  Every failure raises ``FileFormatError`` (a ``ValueError``)
+naming what is wrong; a file is never half-accepted.  ``save`` writes to a temporary file in the
+destination directory and renames it into place (``prunejax._util.atomic_path``); temporary files
+left by a killed writer are removed at the next write to the same path.
+
+Version 1 (legacy, ``.pjz``/``.npz``): a ZIP archive of uncompressed ``.npy`` members behind a
+``header.json`` whose ``checksum`` (``"sha256:<hex>"``) covers the header without its checksum
+(sorted keys, no spaces) and every member's name and ``.npy`` bytes.  ``load`` still reads these
+files, hardened the same way (``prunejax.fileformat.legacy``): compressed or encrypted members,
+duplicate names, sizes beyond the file, oversized or deep or duplicate-keyed JSON and ``.npy``
+headers that disagree with the prunejax header are refused before anything is inflated or
+allocated.  ``save`` writes version 2 only; ``save(new, load(old))`` converts a file (a
+compacted file loads compacted: pass ``load(old, expand=True)`` and ``format="compact"`` with the
+model's ``activation=`` to keep its record of removed units).
+
+File size: every member costs its payload and its header entry (name, dtype, shape and the two
+20-character offsets, plus a comma); the file adds 8 bytes, the metadata entry and up to 7 bytes
+of padding.  ``prunejax.report.size_report`` uses this model.
 """
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Callable
 
 import jax.numpy as jnp
 import numpy as np
 
-from prunejax._util import PyTree
-from prunejax.fileformat import compaction, container
+from prunejax._util import PyTree, read_regular_file
+from prunejax.fileformat import compaction, container, legacy
+from prunejax.fileformat.container import EXTENSION
+from prunejax.fileformat.dtypes import DTYPES
 from prunejax.fileformat.encodings import ROLES, decode, encode
 from prunejax.fileformat.errors import FileFormatError
 from prunejax.fileformat.header import header_members
 from prunejax.fileformat.plan import FORMATS, plan_tree
 from prunejax.fileformat.structure import rebuild_structure
 
-__all__ = ["FORMATS", "FileFormatError", "save", "load", "load_header"]
+__all__ = [
+    "DEFAULT_MIN_BYTES",
+    "DEFAULT_RATIO",
+    "EXTENSION",
+    "FORMATS",
+    "FileFormatError",
+    "save",
+    "load",
+    "load_header",
+]
+
+#: ``load``'s default ``max_bytes`` is ``max(DEFAULT_MIN_BYTES, DEFAULT_RATIO * file size)``.
+DEFAULT_MIN_BYTES = 64 * 2**20
+DEFAULT_RATIO = 256
 
 
 def save(
@@ -89,7 +141,7 @@ def save(
 
     Args:
       path: destination file; written atomically (temporary file + ``os.replace``).  No suffix
-        is added (``.npz`` is the conventional one).
+        is added (``EXTENSION``, ``.safetensors``, is the conventional one).
       params: any pytree of arrays made of dicts, Flax ``FrozenDict``s, lists, tuples and
         ``None`` (Flax params, Keras ``get_weights()`` lists, ...).  Sparse kernel objects are
         saved densified.  Pruned weights are exact zeros, or pass ``masks``.
@@ -111,47 +163,142 @@ def save(
       TypeError: an unsupported container, dict key or dtype, or traced leaves.
     """
     plan = plan_tree(params, format=format, masks=masks, activation=activation)
-    members: list[tuple[str, bytes]] = []
+    members: list[tuple[str, np.ndarray]] = []
     for i, (arr, enc) in enumerate(zip(plan.leaves, plan.encodings, strict=True)):
         for role, a in zip(ROLES[enc], encode(enc, arr), strict=True):
-            members.append((f"{i}.{role}", container.npy_bytes(a)))
+            members.append((f"{i}.{role}", a))
     for j, k in enumerate(plan.kept):
-        members.append((f"kept.{j}", container.npy_bytes(k)))
-    expected = [n for n, _, _ in plan.members()]
-    if [n for n, _ in members] != expected:  # pragma: no cover - internal consistency
+        members.append((f"kept.{j}", k))
+    expected = [(n, tuple(s), np.dtype(d)) for n, s, d in plan.members()]
+    if [(n, a.shape, a.dtype) for n, a in members] != expected:  # pragma: no cover - internal
         raise AssertionError("member list does not match the plan")
     return container.write(path, plan.header, members)
 
 
-def _read(path: str | os.PathLike) -> tuple[dict, dict[str, bytes]]:
-    return container.read(path, lambda header: [n for n, _, _ in header_members(header)])
+def _read(path: str | os.PathLike) -> tuple[dict, dict[str, np.ndarray], int]:
+    """Header, member arrays and file size of a file of either container (all verified)."""
+    where = os.fspath(path)
+    data = read_regular_file(path, error=FileFormatError, what="prunejax model file")
+    if legacy.is_legacy(data):
+        header, arrays = legacy.read(
+            where, data, lambda h: header_members(h, version=container.LEGACY_VERSION)
+        )
+    else:
+        header, arrays = container.read(where, data, header_members)
+    return header, arrays, len(data)
 
 
 def load_header(path: str | os.PathLike) -> dict:
     """The verified JSON header of a saved file (format, leaves, compaction, versions).
 
     Args:
-      path: the file.
+      path: the file (the safetensors container, or a legacy version-1 ZIP file).
 
     Returns:
-      The header (the keys of the module docstring).
+      The header (the keys of the module docstring, and ``checksum``).
 
     Raises:
-      FileFormatError: the file is truncated, corrupted, of another format version, or not a
-        prunejax file.
+      FileFormatError: the file is not a regular file, is truncated, corrupted, of another format
+        version, or not a prunejax file.
     """
-    header, _ = _read(path)
+    header, _, _ = _read(path)
     return header
 
 
-def load(path: str | os.PathLike, *, expand: bool = False) -> PyTree:
-    """Load params saved by ``save``.
+def _loaded_shapes(header: dict, expand: bool) -> list[tuple[int, ...]]:
+    """The shape of every leaf as ``load`` returns it."""
+    shapes = [tuple(leaf["shape"]) for leaf in header["leaves"]]
+    if expand:
+        for lay in compaction.check_record(header):
+            shapes[lay["kernel"]] = (lay["in"], lay["out"])
+            if lay["bias"] is not None:
+                shapes[lay["bias"]] = (lay["out"],)
+    return shapes
+
+
+def check_budget(
+    where: str,
+    header: dict,
+    *,
+    expand: bool,
+    max_bytes: int | None,
+    max_elements: int | None,
+    file_size: int,
+) -> None:
+    """Refuse a file whose loaded params would exceed the limits, before anything is allocated.
 
     Args:
-      path: the file.
+      where: the file (for messages).
+      header: its verified header.
+      expand, max_bytes, max_elements: as ``load``.
+      file_size: the file's size in bytes (for the default ``max_bytes``).
+
+    Raises:
+      FileFormatError: a leaf that takes the loaded params past a limit (the message names it).
+    """
+    limit = max(DEFAULT_MIN_BYTES, DEFAULT_RATIO * file_size) if max_bytes is None else max_bytes
+    total_b = total_e = 0
+    for i, (leaf, shape) in enumerate(
+        zip(header["leaves"], _loaded_shapes(header, expand), strict=True)
+    ):
+        n = math.prod(shape)
+        total_e += n
+        total_b += n * DTYPES[leaf["dtype"]].itemsize
+        what = None
+        if total_b > limit:
+            what = f"max_bytes={limit:,} ({total_b:,} bytes so far)"
+        elif max_elements is not None and total_e > max_elements:
+            what = f"max_elements={max_elements:,} ({total_e:,} entries so far)"
+        if what is not None:
+            raise FileFormatError(
+                f"{where!r}: leaf {i} ({leaf['path']!r}) of shape {list(shape)} and dtype "
+                f"{leaf['dtype']} takes the loaded params past {what}; a file this small "
+                "cannot legitimately hold it unless it is extremely sparse (pass a larger "
+                "max_bytes=/max_elements= if you trust the file)"
+            )
+
+
+def _as_kind(where: str, i: int, a: np.ndarray, meta: dict) -> object:
+    """A decoded leaf as the array kind it was saved as (JAX arrays keep their dtype or raise)."""
+    if meta["array"] != "jax":
+        return a
+    out = jnp.asarray(a)
+    if out.dtype != a.dtype:
+        raise FileFormatError(
+            f"{where!r}: leaf {i} ({meta['path']!r}) is a {a.dtype} JAX array, which this JAX "
+            f"configuration would silently turn into {out.dtype} (enable jax_enable_x64 to load it)"
+        )
+    return out
+
+
+def _check_limit(value: int | None, name: str) -> None:
+    if value is not None and (
+        not isinstance(value, int | np.integer) or isinstance(value, bool) or value < 0
+    ):
+        raise TypeError(f"{name} must be a non-negative int or None, got {value!r}")
+
+
+def load(
+    path: str | os.PathLike,
+    *,
+    expand: bool = False,
+    max_bytes: int | None = None,
+    max_elements: int | None = None,
+) -> PyTree:
+    """Load params saved by ``save`` (or a legacy version-1 ``.pjz``/``.npz`` ZIP file).
+
+    Args:
+      path: the file; it must be a regular file (a FIFO, directory or device raises at once).
       expand: for a compacted file, re-insert the removed units as zeros so every leaf gets its
         original shape (outputs stay identical: a re-inserted unit has no incoming or outgoing
         weights).  By default a compacted file loads compacted, the smaller and faster network.
+      max_bytes: the most bytes the loaded params (every leaf, dense, after ``expand``) may take.
+        Checked on the header before anything is decoded.  ``None`` (default):
+        ``max(DEFAULT_MIN_BYTES, DEFAULT_RATIO * file size)``, i.e. 64 MiB, or 256 times the
+        file for files over 256 KiB; a sparse file whose weights expand further needs an explicit
+        limit.
+      max_elements: the most entries the loaded params may hold in total (``None``: no limit
+        besides ``max_bytes``).
 
     Returns:
       Dense params of the tree kind that was saved (dict / Flax FrozenDict / list / tuple), each
@@ -159,30 +306,51 @@ def load(path: str | os.PathLike, *, expand: bool = False) -> PyTree:
       dtypes.  They produce the same outputs as the saved (masked) params.
 
     Raises:
-      FileFormatError: (a ``ValueError``) truncated, corrupted or tampered file, a file format
-        version this prunejax does not read, or not a prunejax file.  Nothing from the file is
-        ever executed (no pickle).
+      FileFormatError: (a ``ValueError``) not a regular file; a truncated, corrupted or
+        tampered file; declared shapes beyond the limits (naming the leaf); a file format
+        version this prunejax does not read; not a prunejax file.  Nothing from the file is ever
+        executed (no pickle).
+      TypeError: a bad ``max_bytes``/``max_elements``.
     """
-    header, raw = _read(path)
+    _check_limit(max_bytes, "max_bytes")
+    _check_limit(max_elements, "max_elements")
     where = os.fspath(path)
-    arrays: dict[str, np.ndarray] = {
-        name: container.read_array(where, name, raw[name], shape, dtype)
-        for name, shape, dtype in header_members(header)
-    }
+    header, arrays, size = _read(path)
+    version = header["format_version"]
+    check_budget(
+        where,
+        header,
+        expand=expand,
+        max_bytes=max_bytes,
+        max_elements=max_elements,
+        file_size=size,
+    )
     leaves = []
     for i, leaf in enumerate(header["leaves"]):
         members = {r: arrays[f"{i}.{r}"] for r in ROLES[leaf["encoding"]]}
-        leaves.append(decode(leaf, members, i))
+        try:
+            leaves.append(decode(leaf, members, i, version=version))
+        except (ValueError, TypeError, IndexError) as e:
+            if isinstance(e, FileFormatError):
+                raise FileFormatError(f"{where!r}: {e}") from None
+            raise FileFormatError(
+                f"{where!r}: corrupted file: leaf {i} ({leaf['path']!r}) cannot be decoded ({e})"
+            ) from None
     comp = header.get("compaction")
     if expand and comp is not None:
         kept = [arrays[f"kept.{j}"] for j in range(len(comp["layers"]))]
-        leaves = compaction.expand(leaves, comp, kept)
+        try:
+            leaves = compaction.expand(leaves, comp, kept)
+        except FileFormatError as e:
+            raise FileFormatError(f"{where!r}: {e}") from None
     leaves = [
-        jnp.asarray(a) if meta["array"] == "jax" else a
-        for a, meta in zip(leaves, header["leaves"], strict=True)
+        _as_kind(where, i, a, meta) for i, (a, meta) in enumerate(zip(leaves, header["leaves"]))
     ]
     used: set[int] = set()
-    tree = rebuild_structure(header["structure"], leaves, used)
+    try:
+        tree = rebuild_structure(header.get("structure"), leaves, used)
+    except FileFormatError as e:
+        raise FileFormatError(f"{where!r}: {e}") from None
     if len(used) != len(leaves):
         raise FileFormatError(f"{where!r}: corrupted header (structure does not use every leaf)")
     return tree

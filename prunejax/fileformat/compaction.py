@@ -18,7 +18,7 @@ from prunejax.compact import compact, compaction_plan
 from prunejax.fileformat.dtypes import index_dtype
 from prunejax.fileformat.errors import FileFormatError
 
-__all__ = ["compact_arrays", "kept_members", "expand"]
+__all__ = ["compact_arrays", "check_record", "kept_members", "expand"]
 
 
 def _activation_name(activation: Callable | None) -> str | None:
@@ -93,21 +93,68 @@ def compact_arrays(
     return new, record, kept
 
 
+def _is_int(x: object) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def check_record(header: Mapping) -> list[dict]:
+    """The layers of a header's compaction record, validated against its leaves.
+
+    Args:
+      header: a file's JSON header (its ``leaves`` already validated).
+
+    Returns:
+      The record's layers (empty for an uncompacted file).
+
+    Raises:
+      ValueError: a malformed record (indices out of range, kernels that are not 2-D, widths
+        that do not fit the kernels).
+    """
+    comp = header.get("compaction")
+    if comp is None:
+        return []
+    leaves = header["leaves"]
+    if not isinstance(comp, dict) or not isinstance(comp.get("layers"), list):
+        raise ValueError("malformed compaction record")
+    act = comp.get("activation")
+    if act is not None and not isinstance(act, str):
+        raise ValueError("malformed compaction record (activation)")
+    seen: set[int] = set()
+    for j, lay in enumerate(comp["layers"]):
+        if not isinstance(lay, dict) or not isinstance(lay.get("name"), str):
+            raise ValueError(f"malformed compaction record (layer {j})")
+        k, b = lay.get("kernel"), lay.get("bias")
+        width_in, width_out = lay.get("in"), lay.get("out")
+        refs = [k] if b is None else [k, b]
+        if not all(_is_int(r) and 0 <= r < len(leaves) and r not in seen for r in refs):
+            raise ValueError(f"compaction layer {j} refers to bad leaf indices")
+        seen.update(refs)
+        kshape = leaves[k]["shape"]
+        if len(kshape) != 2 or (b is not None and leaves[b]["shape"] != [kshape[1]]):
+            raise ValueError(f"compaction layer {j}: kernel or bias of the wrong rank")
+        if not (_is_int(width_in) and _is_int(width_out)):
+            raise ValueError(f"compaction layer {j} has bad widths")
+        if not (kshape[0] <= width_in <= 2**48 and kshape[1] <= width_out <= 2**48):
+            raise ValueError(f"compaction layer {j}: widths {width_in}x{width_out} do not fit")
+    return comp["layers"]
+
+
 def kept_members(header: Mapping) -> list[tuple[str, tuple[int, ...], np.dtype]]:
     """``(member name, shape, dtype)`` of the ``kept`` members a header calls for.
 
     Args:
-      header: a file's JSON header.
+      header: a file's JSON header (its ``leaves`` already validated).
 
     Returns:
       One triple per compacted layer (none for an uncompacted file).
+
+    Raises:
+      ValueError: a malformed compaction record.
     """
     out = []
-    comp = header.get("compaction")
-    if comp is not None:
-        for j, lay in enumerate(comp["layers"]):
-            n_kernel = header["leaves"][lay["kernel"]]["shape"][1]
-            out.append((f"kept.{j}", (int(n_kernel),), index_dtype(max(int(lay["out"]) - 1, 0))))
+    for j, lay in enumerate(check_record(header)):
+        n_kernel = header["leaves"][lay["kernel"]]["shape"][1]
+        out.append((f"kept.{j}", (int(n_kernel),), index_dtype(max(int(lay["out"]) - 1, 0))))
     return out
 
 
@@ -129,9 +176,16 @@ def expand(leaves: list[np.ndarray], comp: Mapping, kept: list[np.ndarray]) -> l
     prev = None
     for lay, cols in zip(comp["layers"], kept, strict=True):
         cols = cols.astype(np.int64)
-        rows = np.arange(lay["in"]) if prev is None else prev
         k = leaves[lay["kernel"]]
-        if k.shape != (rows.size, cols.size) or np.any(cols >= lay["out"]):
+        if prev is None and k.shape[0] != lay["in"]:
+            raise FileFormatError("corrupted header: compaction record does not fit the kernels")
+        rows = np.arange(lay["in"]) if prev is None else prev
+        if (
+            k.shape != (rows.size, cols.size)
+            or np.any(cols >= lay["out"])
+            or np.any(rows >= lay["in"])
+            or np.any(np.diff(cols) <= 0)
+        ):
             raise FileFormatError("corrupted header: compaction record does not fit the kernels")
         big = np.zeros((lay["in"], lay["out"]), k.dtype)
         big[np.ix_(rows, cols)] = k

@@ -14,7 +14,14 @@ from collections.abc import Callable, Mapping
 
 import numpy as np
 
-from prunejax.fileformat.dtypes import DTYPES, index_dtype, storage_dtype
+from prunejax.fileformat.dtypes import (
+    DTYPES,
+    from_storage,
+    index_dtype,
+    storage_dtype,
+    storage_shape,
+    to_storage,
+)
 from prunejax.fileformat.errors import FileFormatError
 
 __all__ = ["ENCODINGS", "ROLES", "csr_dims", "leaf_members", "encode", "decode"]
@@ -45,7 +52,13 @@ def csr_dims(shape: tuple[int, ...]) -> tuple[int, int]:
 
 
 def leaf_members(
-    index: int | str, encoding: str, shape: tuple[int, ...], dtype: np.dtype, nnz: int
+    index: int | str,
+    encoding: str,
+    shape: tuple[int, ...],
+    dtype: np.dtype,
+    nnz: int,
+    *,
+    version: int = 2,
 ) -> list[tuple[str, tuple[int, ...], np.dtype]]:
     """``(member name, shape, storage dtype)`` of every array encoding one leaf.
 
@@ -53,6 +66,7 @@ def leaf_members(
       index: the leaf's position in the tree (the members' name prefix).
       encoding: one of ``ENCODINGS``.
       shape, dtype, nnz: the leaf's shape, dtype and number of nonzero entries.
+      version: the file format version (it decides how complex payloads are stored).
 
     Returns:
       One triple per role of ``ROLES[encoding]``, in order.
@@ -60,21 +74,25 @@ def leaf_members(
     Raises:
       ValueError: unknown encoding.
     """
-    sd = storage_dtype(np.dtype(dtype))
+    sd = storage_dtype(np.dtype(dtype), version)
     size = math.prod(shape)
+
+    def payload(n: int) -> tuple[int, ...]:
+        return storage_shape((n,), dtype, version)
+
     if encoding == "dense":
-        return [(f"{index}.data", tuple(shape), sd)]
+        return [(f"{index}.data", storage_shape(tuple(shape), dtype, version), sd)]
     if encoding == "bitmask":
         return [
             (f"{index}.mask", ((size + 7) // 8,), np.dtype(np.uint8)),
-            (f"{index}.values", (nnz,), sd),
+            (f"{index}.values", payload(nnz), sd),
         ]
     if encoding == "csr":
         rows, cols = csr_dims(shape)
         return [
             (f"{index}.indptr", (rows + 1,), index_dtype(nnz)),
             (f"{index}.indices", (nnz,), index_dtype(max(cols - 1, 0))),
-            (f"{index}.data", (nnz,), sd),
+            (f"{index}.data", payload(nnz), sd),
         ]
     if encoding == "bcoo":
         return [
@@ -83,32 +101,30 @@ def leaf_members(
                 (nnz, len(shape)),
                 index_dtype(max(max(shape, default=1) - 1, 0)),
             ),
-            (f"{index}.data", (nnz,), sd),
+            (f"{index}.data", payload(nnz), sd),
         ]
     raise ValueError(f"unknown encoding {encoding!r}; expected one of {ENCODINGS}")
 
 
 def encode(encoding: str, arr: np.ndarray) -> list[np.ndarray]:
-    """The member arrays of one leaf.
+    """The member arrays of one leaf (format version 2).
 
     Args:
       encoding: one of ``ENCODINGS``.
       arr: the dense leaf (NumPy).
 
     Returns:
-      The arrays of ``ROLES[encoding]``, in order, in their storage dtypes.
+      The arrays of ``ROLES[encoding]``, in order, in their storage dtypes and shapes.
 
     Raises:
       ValueError: unknown encoding.
     """
-    sd = storage_dtype(arr.dtype)
     flat = np.asarray(arr, order="C").reshape(-1)
     nz = flat != 0
     nnz = int(nz.sum())
-    values = flat[nz].view(sd) if sd != arr.dtype else flat[nz]
+    values = to_storage(flat[nz])
     if encoding == "dense":
-        full = np.asarray(arr, order="C")
-        return [full.view(sd) if sd != arr.dtype else full]
+        return [to_storage(np.asarray(arr, order="C"))]
     if encoding == "bitmask":
         return [np.packbits(nz), values]
     if encoding == "csr":
@@ -125,13 +141,16 @@ def encode(encoding: str, arr: np.ndarray) -> list[np.ndarray]:
     raise ValueError(f"unknown encoding {encoding!r}")
 
 
-def decode(leaf: Mapping, arrays: Mapping[str, np.ndarray], index: int) -> np.ndarray:
+def decode(
+    leaf: Mapping, arrays: Mapping[str, np.ndarray], index: int, *, version: int = 2
+) -> np.ndarray:
     """Rebuild one dense leaf from its member arrays, checking them against the header.
 
     Args:
       leaf: the leaf's header entry (``path``, ``encoding``, ``shape``, ``dtype``, ``nnz``).
       arrays: role -> member array, as read from the file (shapes and dtypes already checked).
       index: the leaf's position (for messages).
+      version: the file's format version (how its payloads are stored).
 
     Returns:
       The dense NumPy leaf, of the header's shape and dtype.
@@ -146,7 +165,7 @@ def decode(leaf: Mapping, arrays: Mapping[str, np.ndarray], index: int) -> np.nd
     where = f"leaf {index} ({leaf['path']!r})"
 
     def values(a: np.ndarray) -> np.ndarray:
-        return a.view(dtype) if a.dtype != dtype else a
+        return from_storage(a, dtype, version).reshape(-1)
 
     if enc == "dense":
         return values(arrays["data"]).reshape(shape).copy()

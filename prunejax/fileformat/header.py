@@ -60,27 +60,77 @@ def make_header(
     }
 
 
-def header_members(header: Mapping) -> list[tuple[str, tuple[int, ...], np.dtype]]:
+#: The largest dimension and number of dimensions a header may declare.
+MAX_DIM = 2**48
+MAX_NDIM = 64
+
+
+def _is_int(x: object) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def check_leaf_entry(i: int, leaf: object) -> tuple[int, ...]:
+    """Validate one leaf entry of a header (types and ranges only).
+
+    Args:
+      i: the leaf's index.
+      leaf: its header entry.
+
+    Returns:
+      The leaf's shape.
+
+    Raises:
+      ValueError: a malformed entry (the message names the leaf).
+    """
+    if not isinstance(leaf, dict):
+        raise ValueError(f"leaf {i} is not a JSON object")
+    name = f"leaf {i} ({leaf.get('path')!r})"
+    if not isinstance(leaf.get("path"), str):
+        raise ValueError(f"leaf {i} has no path")
+    shape = leaf.get("shape")
+    if (
+        not isinstance(shape, list)
+        or len(shape) > MAX_NDIM
+        or not all(_is_int(s) and 0 <= s <= MAX_DIM for s in shape)
+    ):
+        raise ValueError(f"{name} has a bad shape {shape!r}")
+    for key in ("dtype", "encoding", "array"):
+        if not isinstance(leaf.get(key), str):
+            raise ValueError(f"{name} has a bad {key} {leaf.get(key)!r}")
+    if leaf.get("dtype") not in DTYPES:
+        raise ValueError(f"{name} has an unknown dtype {leaf.get('dtype')!r}")
+    if leaf.get("encoding") not in ENCODINGS:
+        raise ValueError(f"{name} has an unknown encoding {leaf.get('encoding')!r}")
+    if leaf.get("array") not in ("numpy", "jax"):
+        raise ValueError(f"{name} has a bad array kind {leaf.get('array')!r}")
+    nnz = leaf.get("nnz")
+    if not _is_int(nnz) or not 0 <= nnz <= math.prod(shape):
+        raise ValueError(f"{name} has a bad nnz {nnz!r}")
+    return tuple(shape)
+
+
+def header_members(
+    header: Mapping, *, version: int = FORMAT_VERSION
+) -> list[tuple[str, tuple[int, ...], np.dtype]]:
     """``(member name, shape, dtype)`` of every array member a header calls for, in file order.
 
     Args:
       header: a file's JSON header.
+      version: its format version (how payloads are stored).
 
     Returns:
       The leaves' members, then the compaction's ``kept`` members.
 
     Raises:
-      ValueError, KeyError, TypeError: a malformed header (bad shape, dtype, encoding or nnz).
+      ValueError: a malformed header (bad shape, dtype, encoding, nnz or compaction record).
     """
+    leaves = header.get("leaves")
+    if not isinstance(leaves, list):
+        raise ValueError("the header has no leaf list")
     out = []
-    for i, leaf in enumerate(header["leaves"]):
-        shape = tuple(int(s) for s in leaf["shape"])
-        if any(s < 0 for s in shape) or leaf["dtype"] not in DTYPES:
-            raise ValueError(f"bad shape or dtype for leaf {i}")
-        if leaf["encoding"] not in ENCODINGS:
-            raise ValueError(f"unknown encoding {leaf['encoding']!r} for leaf {i}")
-        nnz = int(leaf["nnz"])
-        if not 0 <= nnz <= math.prod(shape):
-            raise ValueError(f"bad nnz for leaf {i}")
-        out += leaf_members(i, leaf["encoding"], shape, DTYPES[leaf["dtype"]], nnz)
+    for i, leaf in enumerate(leaves):
+        shape = check_leaf_entry(i, leaf)
+        out += leaf_members(
+            i, leaf["encoding"], shape, DTYPES[leaf["dtype"]], leaf["nnz"], version=version
+        )
     return out + kept_members(header)

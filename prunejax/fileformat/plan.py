@@ -62,7 +62,8 @@ def leaf_bytes(
       index: the leaf's position in the tree (member names, hence zip headers, grow with it).
 
     Returns:
-      The exact number of bytes of the leaf's members (payloads, ``.npy`` and ZIP headers).
+      The exact number of bytes of the leaf's members (payloads and their safetensors header
+      entries).
     """
     return sum(
         container.member_bytes(n, s, d)

@@ -89,11 +89,18 @@ def rebuild_structure(node: Any, leaves: list[Any], used: set[int]) -> PyTree:
         raise FileFormatError("corrupted header: malformed structure node")
     ((kind, value),) = node.items()
     if kind == "leaf":
-        if not isinstance(value, int) or not 0 <= value < len(leaves) or value in used:
+        if (
+            not isinstance(value, int)
+            or isinstance(value, bool)
+            or not 0 <= value < len(leaves)
+            or value in used
+        ):
             raise FileFormatError(f"corrupted header: bad leaf reference {value!r}")
         used.add(value)
         return leaves[value]
     if kind == "none":
+        if value is not None:
+            raise FileFormatError("corrupted header: malformed none node")
         return None
     if kind in ("list", "tuple"):
         if not isinstance(value, list):
@@ -112,7 +119,11 @@ def rebuild_structure(node: Any, leaves: list[Any], used: set[int]) -> PyTree:
                 or isinstance(item[0], bool)
             ):
                 raise FileFormatError("corrupted header: malformed dict item")
+            if item[0] in out:
+                raise FileFormatError(f"corrupted header: duplicate dict key {item[0]!r}")
             out[item[0]] = rebuild_structure(item[1], leaves, used)
+        if len({type(k) for k in out}) > 1:
+            raise FileFormatError("corrupted header: a dict mixes str and int keys")
         if kind == "frozendict":
             from flax.core import FrozenDict
 
