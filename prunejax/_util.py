@@ -162,8 +162,7 @@ def check_finite(path: str, leaf: Any) -> None:
 def _reject_non_numeric(value: Any, name: str, where: str) -> None:
     """``TypeError`` for strings, bytes and booleans, which ``float()`` would quietly accept."""
     if isinstance(value, str | bytes | bool | np.bool_) or (
-        isinstance(value, np.ndarray | jax.Array)
-        and np.dtype(value.dtype).kind in "bSUOc"
+        isinstance(value, np.ndarray | jax.Array) and np.dtype(value.dtype).kind in "bSUOc"
     ):
         raise TypeError(
             f"{name}{where} must be a real number, got {type(value).__name__} {value!r}"

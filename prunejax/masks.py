@@ -377,14 +377,14 @@ def unit_masks(
     Unit (neuron) pruning as in Molchanov et al. (2017), "Pruning Convolutional Neural Networks
     for Resource Efficient Inference" and Li et al. (2017), "Pruning Filters for Efficient
     ConvNets": rank the output units of each layer by the ``ord``-norm of their incoming weights
-    (column ``j`` of the kernel) and prune ``round(s * out)`` of them, ties by column index.  The
-    bias entry paired with a pruned column is pruned too, with the pairing of
-    :func:`prunejax._util.dense_layers`: Flax ``kernel``/``bias`` siblings (also ``weight``/``bias``,
-    ``w``/``b``, ``W``/``b``, ``w1``/``b1``, ``W_2``/``b_2``), and the ``[W, b, W, b, ...]``
-    layout of Keras ``get_weights()``.  A pruned kernel without a paired bias but with an
-    unpaired 1-D leaf of its width beside it (same parent) raises a ``UserWarning`` naming that
-    leaf, which keeps all its entries.  Norms of integer kernels are computed in float64
-    (float32 under JAX without x64).
+    (column ``j`` of the kernel) and prune ``round(s * out)`` of them, ties by column index.
+    The bias entry paired with a pruned column is pruned too, with the pairing of
+    :func:`prunejax._util.dense_layers`: Flax ``kernel``/``bias`` siblings (also
+    ``weight``/``bias``, ``w``/``b``, ``W``/``b``, ``w1``/``b1``, ``W_2``/``b_2``), and the
+    ``[W, b, W, b, ...]`` layout of Keras ``get_weights()``.  A pruned kernel without a paired
+    bias but with an unpaired 1-D leaf of its width beside it (same parent) raises a
+    ``UserWarning`` naming that leaf, which keeps all its entries.  Norms of integer kernels
+    are computed in float64 (float32 under JAX without x64).
 
     Args:
       params: any pytree of arrays; every selected leaf must be 2-D ``(in, out)``.
