@@ -634,7 +634,8 @@ def apply_masks(params: PyTree, masks: PyTree) -> PyTree:
       masks: boolean pytree of the same structure and shapes.
 
     Returns:
-      The pruned params (same kinds of arrays as ``params``).
+      The pruned params: the same kinds of arrays and dtypes as ``params`` (NumPy params give
+      NumPy results even with JAX masks, unless the masks are traced under ``jit``).
 
     Raises:
       ValueError: structures or shapes differ (the message names the leaf).
@@ -643,10 +644,10 @@ def apply_masks(params: PyTree, masks: PyTree) -> PyTree:
     _, leaves, mleaves, treedef = check_same_structure(params, masks)
     out = []
     for leaf, m in zip(leaves, mleaves, strict=True):
-        if is_jax(leaf) or is_jax(m):
+        if is_jax(leaf) or is_traced(m):
             out.append(jnp.where(m, leaf, jnp.zeros((), jnp.asarray(leaf).dtype)))
-        else:
-            out.append(np.where(m, leaf, np.zeros((), dtype_of(leaf))))
+        else:  # NumPy params stay NumPy (and float64 stays float64) even with JAX masks
+            out.append(np.where(np.asarray(m), leaf, np.zeros((), dtype_of(leaf))))
     return jax.tree_util.tree_unflatten(treedef, out)
 
 
