@@ -96,9 +96,10 @@ def _mlp(params: PyTree, masks: PyTree | None, *, what: str = "compact") -> _Mlp
         if layer.kind == "unnamed":
             p = paths[layer.kernel]
             raise ValueError(
-                f"{what}: 2-D leaf {p!r} (shape {tuple(np.shape(leaves[layer.kernel]))}) is not "
-                "a dense-layer kernel: it is neither named like one (kernel, weight, w, W, w1, "
-                "...) nor an element of a [W, b, ...] list, so it may be an embedding table or "
+                f"{what}: params are not an MLP chain: 2-D leaf {p!r} (shape "
+                f"{tuple(np.shape(leaves[layer.kernel]))}) is not a dense-layer kernel: it is "
+                "neither named like one (kernel, weight, w, W, w1, ...) nor an element of a "
+                "[W, b, ...] list, so it may be an embedding table or "
                 "another matrix whose rows compaction must not delete. Compact the dense layers "
                 "on their own (a sub-tree holding only them), or rename the kernel"
             )

@@ -13,6 +13,7 @@ tried per group; the last test checks every group saw accepted and refused input
 
 from __future__ import annotations
 
+import os
 import warnings
 from collections import Counter
 
@@ -29,13 +30,15 @@ from prunejax.compact import compact
 from prunejax.schedules import polynomial_sparsity
 from prunejax.transforms import masked
 
+# PRUNEJAX_FUZZ_SCALE=20 multiplies every example count (a long run: about 20x the CI time).
+SCALE = max(1, int(os.environ.get("PRUNEJAX_FUZZ_SCALE", "1")))
 SETTINGS = settings(
-    max_examples=50,
+    max_examples=50 * SCALE,
     deadline=None,
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much],
     derandomize=True,
 )
-FEW = settings(SETTINGS, max_examples=25)
+FEW = settings(SETTINGS, max_examples=25 * SCALE)
 
 COUNTS: Counter = Counter()
 REAL = ["float16", "bfloat16", "float32", "float64", "int8", "int16", "int32", "int64"]
@@ -221,14 +224,18 @@ def test_magnitude_masks(tree, s, glob):
             np.testing.assert_array_equal(np.asarray(mleaves[i]).reshape(-1), expect)
 
 
+KEYS = [jax.random.key(0), jax.random.key(1), jax.random.PRNGKey(2), None, "a", 0, True]
+
+
 @FEW
-@given(tree=trees(), s=numbers(), key=st.integers(0, 3))
+@given(tree=trees(), s=numbers(), key=st.sampled_from(KEYS))
 def test_random_masks(tree, s, key):
     leaves = leaves_of(tree)
+    good_key = isinstance(key, jax.Array)
     masks, ok = attempt(
         "random_masks",
-        lambda: pj.random_masks(jax.random.key(key), tree, s),
-        must_pass=is_number_in(s, 0, 1),
+        lambda: pj.random_masks(key, tree, s),
+        must_pass=is_number_in(s, 0, 1) and good_key,
     )
     if not ok:
         return
@@ -490,14 +497,18 @@ def forward64(params, x):
 
 
 @SETTINGS
-@given(case=mlps())
-def test_compact(case):
+@given(case=mlps(), data=st.data(), with_masks=st.booleans())
+def test_compact(case, data, with_masks):
     tree, extra, dt = case
     added = extra in ("embed", "vector") and isinstance(tree, dict)
     valid = dt.kind in "fiu" and not added and not (extra == "nan" and dt.kind == "f")
-    res, ok = attempt("compact", lambda: compact(tree), must_pass=valid)
+    masks, fault = data.draw(masks_for(tree)) if with_masks else (None, "none")
+    valid = valid and fault in ("none", "jax")
+    res, ok = attempt("compact", lambda: compact(tree, masks=masks), must_pass=valid)
     if not ok:
         return
+    if masks is not None:
+        tree = pj.apply_masks(tree, masks)
     assert jax.tree_util.tree_structure(res.params) == jax.tree_util.tree_structure(tree)
     for a, b in zip(leaves_of(tree), leaves_of(res.params), strict=True):
         assert np.dtype(b.dtype) == np.dtype(a.dtype) and isinstance(b, np.ndarray)
