@@ -22,7 +22,9 @@ Semantics shared by all builders:
   float32), integer leaves by their exact unsigned magnitude (no float rounding, so ``2**53 + 1``
   ranks above ``2**53`` and ``2**24 + 1`` above ``2**24``), bools as 0/1.  Global scope over
   float and integer leaves together ranks exactly too.  Norms (unit, block) and thresholds are
-  float computations: float64 for integer leaves (float32 under JAX without x64).
+  float computations: float64 for integer leaves (float32 under JAX without x64).  When the
+  ranking runs in JAX without x64 (a JAX leaf or a traced argument), NumPy int64/uint64 leaves
+  whose values do not fit 32 bits raise ``ValueError`` instead of wrapping.
 * Bad input raises ``ValueError``/``TypeError`` naming the leaf path: sparsity outside ``[0, 1]``
   or NaN, a string, bytes or bool where a number is expected (``"0.5"`` and ``True`` are
   refused at layer and global scope alike), non-finite weights (checked on concrete inputs;
@@ -168,6 +170,33 @@ def _check_sparsity(value: Any, path: str) -> Any:
     return check_fraction(value, name="sparsity", path=path)
 
 
+def _check_jax_range(
+    paths: list[str], leaves: list[Any], selected: list[bool], use_jax: bool
+) -> None:
+    """Refuse NumPy 64-bit integer leaves whose values JAX (without x64) would wrap to 32 bits.
+
+    With JAX leaves elsewhere in the tree or a traced argument the ranking runs in JAX, which
+    without ``jax_enable_x64`` stores int64 as int32 and uint64 as uint32; values beyond those
+    ranges would silently change the order, so they raise instead.
+    """
+    if not use_jax or jax.config.jax_enable_x64:
+        return
+    for p, leaf, s in zip(paths, leaves, selected, strict=True):
+        if not s or is_jax(leaf):
+            continue
+        dt = np.dtype(dtype_of(leaf))
+        if dt.kind in "iu" and dt.itemsize == 8 and np.size(leaf):
+            info = np.iinfo(np.int32 if dt.kind == "i" else np.uint32)
+            arr = np.asarray(leaf)
+            if arr.min() < info.min or arr.max() > info.max:
+                raise ValueError(
+                    f"leaf {p!r} ({dt}) holds values beyond {np.dtype(info.dtype)}, which JAX "
+                    "without x64 cannot represent, and this call ranks in JAX (a JAX leaf or a "
+                    "traced argument); pass all-NumPy params with a concrete sparsity, or enable "
+                    "jax_enable_x64"
+                )
+
+
 def _validated(params: PyTree, where: Where | None) -> tuple[list[str], list[Any], Any, list[bool]]:
     """Flatten, select, and check every selected leaf: a real dtype, finite values."""
     paths, leaves, treedef = flatten(params)
@@ -293,6 +322,7 @@ def magnitude_masks(
         raise ValueError(f"scope must be 'layer' or 'global', got {scope!r}")
     paths, leaves, treedef, selected = _validated(params, where)
     use_jax = _use_jax(leaves, *_sparsity_leaves(sparsity))
+    _check_jax_range(paths, leaves, selected, use_jax)
     if scope == "layer":
         values = per_leaf_values(sparsity, paths, selected, name="sparsity", check=_check_sparsity)
 
@@ -411,6 +441,7 @@ def unit_masks(
                 f"{np.shape(leaf)}; exclude it with where="
             )
     use_jax = _use_jax(leaves, *_sparsity_leaves(sparsity))
+    _check_jax_range(paths, leaves, selected, use_jax)
     xp = jnp if use_jax else np
     values = per_leaf_values(sparsity, paths, selected, name="sparsity", check=_check_sparsity)
     bias_of = _unit_biases(params, paths, leaves, values)
@@ -461,6 +492,7 @@ def threshold_masks(
 
     paths, leaves, treedef, selected = _validated(params, where)
     use_jax = _use_jax(leaves, *_sparsity_leaves(quality))
+    _check_jax_range(paths, leaves, selected, use_jax)
     xp = jnp if use_jax else np
     values = per_leaf_values(quality, paths, selected, name="quality", check=check_quality)
 
@@ -504,6 +536,7 @@ def nm_masks(
         raise ValueError(f"n must be in [0, m] = [0, {m}], got n={n}")
     paths, leaves, treedef, selected = _validated(params, where)
     use_jax = _use_jax(leaves)
+    _check_jax_range(paths, leaves, selected, use_jax)
     xp = jnp if use_jax else np
     out = []
     for p, leaf, s in zip(paths, leaves, selected, strict=True):
@@ -572,6 +605,7 @@ def block_masks(
                 f"leaf {p!r} of shape {shape} is not divisible into ({bh}, {bw}) blocks"
             )
     use_jax = _use_jax(leaves, *_sparsity_leaves(sparsity))
+    _check_jax_range(paths, leaves, selected, use_jax)
     xp = jnp if use_jax else np
     values = per_leaf_values(sparsity, paths, selected, name="sparsity", check=_check_sparsity)
 

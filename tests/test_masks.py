@@ -636,3 +636,15 @@ def test_unit_masks_refuses_a_paired_bias_of_the_wrong_width():
 def test_unit_masks_refuses_bad_ord(ord):
     with pytest.raises((TypeError, ValueError), match="ord"):
         pj.unit_masks({"w": np.ones((2, 2), np.float32)}, 0.5, ord=ord)
+
+
+def test_int64_beyond_int32_is_refused_when_ranking_runs_in_jax():
+    big = {"a": np.array([[2**40, 2**40 + 1], [3, 4]], np.int64)}
+    with pytest.raises(ValueError, match=r"'a' \(int64\).*beyond int32"):
+        jax.vmap(lambda s: pj.magnitude_masks(big, s)["a"])(jnp.array([0.25, 0.5]))
+    with pytest.raises(ValueError, match="'a'"):
+        pj.magnitude_masks({**big, "j": jnp.ones((2, 2))}, 0.5)
+    np.testing.assert_array_equal(pj.magnitude_masks(big, 0.25)["a"], [[True, True], [False, True]])
+    fits = {"a": np.array([[2**20, 2**20 + 1], [3, 4]], np.int64)}
+    m = jax.vmap(lambda s: pj.magnitude_masks(fits, s)["a"])(jnp.array([0.25, 0.5]))
+    np.testing.assert_array_equal(m[1], [[True, True], [False, False]])
