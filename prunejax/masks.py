@@ -488,7 +488,7 @@ def threshold_masks(
         f = check_number(q, name=f"quality for leaf {path!r}")
         if not np.isfinite(f) or f < 0:
             raise ValueError(f"quality for leaf {path!r} must be finite and >= 0, got {q!r}")
-        return q
+        return f  # a concrete JAX scalar would turn NumPy results into JAX arrays
 
     paths, leaves, treedef, selected = _validated(params, where)
     use_jax = _use_jax(leaves, *_sparsity_leaves(quality))

@@ -648,3 +648,10 @@ def test_int64_beyond_int32_is_refused_when_ranking_runs_in_jax():
     fits = {"a": np.array([[2**20, 2**20 + 1], [3, 4]], np.int64)}
     m = jax.vmap(lambda s: pj.magnitude_masks(fits, s)["a"])(jnp.array([0.25, 0.5]))
     np.testing.assert_array_equal(m[1], [[True, True], [False, False]])
+
+
+def test_threshold_masks_numpy_in_numpy_out_with_a_jax_quality():
+    w = np.array([[1.0, 0.1], [2.0, -3.0]], np.float32)
+    m = pj.threshold_masks({"k": w}, jnp.asarray(0.5))["k"]
+    assert isinstance(m, np.ndarray)
+    np.testing.assert_array_equal(m, np.abs(w) >= 0.5 * np.std(w))
