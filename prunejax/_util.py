@@ -174,10 +174,11 @@ def check_number(value: Any, *, name: str) -> float:
 
     Raises:
       TypeError: ``value`` is not a real number (``"0.5"``, ``True``, ``None``, ``1j``).
+      ValueError: ``value`` is an array with more than one element (as in ``check_fraction``).
     """
-    _reject_non_numeric(value, name, "")
     if isinstance(value, jax.Array | np.ndarray) and np.ndim(value) != 0:
-        raise TypeError(f"{name} must be a scalar, got shape {np.shape(value)}")
+        raise ValueError(f"{name} must be a scalar, got shape {np.shape(value)}")
+    _reject_non_numeric(value, name, "")
     try:
         return float(value)
     except (TypeError, ValueError):
