@@ -47,6 +47,7 @@ __all__ = [
     "select",
     "check_finite",
     "check_fraction",
+    "check_number",
     "per_leaf_values",
     "check_same_structure",
     "dense_layers",
@@ -54,6 +55,8 @@ __all__ = [
     "find_state",
     "BIAS_NAMES",
     "KERNEL_NAMES",
+    "kernel_name_suffix",
+    "bias_names_for",
     "last_key",
     "parent_path",
     "check_block",
@@ -163,13 +166,52 @@ def check_finite(path: str, leaf: Any) -> None:
             )
 
 
+def _reject_non_numeric(value: Any, name: str, where: str) -> None:
+    """``TypeError`` for strings, bytes and booleans, which ``float()`` would quietly accept."""
+    if isinstance(value, str | bytes | bool | np.bool_) or (
+        isinstance(value, np.ndarray | jax.Array) and np.dtype(value.dtype).kind in "bSUOc"
+    ):
+        raise TypeError(
+            f"{name}{where} must be a real number, got {type(value).__name__} {value!r}"
+        )
+
+
+def check_number(value: Any, *, name: str) -> float:
+    """A concrete real number as ``float``; strings, bytes, bools and complex are refused.
+
+    Raises:
+      TypeError: ``value`` is not a real number (``"0.5"``, ``True``, ``None``, ``1j``).
+      ValueError: ``value`` is an array with more than one element (as in ``check_fraction``).
+    """
+    if isinstance(value, jax.Array | np.ndarray) and np.ndim(value) != 0:
+        raise ValueError(f"{name} must be a scalar, got shape {np.shape(value)}")
+    _reject_non_numeric(value, name, "")
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        raise TypeError(f"{name} must be a real number, got {type(value).__name__}") from None
+
+
 def check_fraction(value: Any, *, name: str, path: str | None = None) -> Any:
-    """Check that a concrete fraction lies in ``[0, 1]``; traced values pass through unchecked."""
+    """Check that a concrete fraction lies in ``[0, 1]``; traced values pass through unchecked.
+
+    Every argument that is a fraction (``sparsity``, ``drop_fraction``, schedule end points, at
+    layer and global scope alike) goes through here, so they all refuse the same inputs.
+
+    Raises:
+      TypeError: a string (``"0.5"``), bytes, a bool, a complex number or another non-number.
+      ValueError: a non-scalar array, NaN, or a value outside ``[0, 1]``.
+    """
     where = f" for leaf {path!r}" if path is not None else ""
     if is_traced(value):
+        if not jnp.issubdtype(value.dtype, jnp.floating) and not jnp.issubdtype(
+            value.dtype, jnp.integer
+        ):
+            raise TypeError(f"{name}{where} must be a real number, got dtype {value.dtype}")
         return value
     if isinstance(value, jax.Array | np.ndarray) and np.ndim(value) != 0:
         raise ValueError(f"{name}{where} must be a scalar, got shape {np.shape(value)}")
+    _reject_non_numeric(value, name, where)
     try:
         f = float(value)
     except (TypeError, ValueError):
@@ -184,7 +226,7 @@ def _is_scalar(x: Any) -> bool:
         isinstance(x, int | float | np.generic)
         or is_traced(x)
         or (isinstance(x, jax.Array | np.ndarray) and np.ndim(x) == 0)
-    ) and not isinstance(x, bool)
+    ) and not isinstance(x, bool | np.bool_ | str | bytes)
 
 
 def per_leaf_values(
@@ -286,15 +328,44 @@ def check_same_structure(
 
 KERNEL_NAMES = ("kernel", "weight", "w")
 BIAS_NAMES = ("bias", "b")
+# Further kernel names, paired by name with the bias of the same suffix: ``W``/``b``,
+# ``w1``/``b1``, ``W_2``/``b_2``, ``kernel3``/``bias3``, ``weight_0``/``bias_0``.
+_NUMBERED_KERNEL = re.compile(r"^(?:kernel|weight|w|W)((?:_?\d+)?)$")
+
+
+def kernel_name_suffix(key: str) -> str | None:
+    """The suffix of a kernel name (``""`` for ``kernel``/``W``, ``"1"`` for ``w1``, ``"_2"`` for
+    ``W_2``), or ``None`` when ``key`` does not name a kernel."""
+    m = _NUMBERED_KERNEL.match(key)
+    return None if m is None else m.group(1)
+
+
+def bias_names_for(key: str) -> tuple[str, ...]:
+    """The sibling names a kernel called ``key`` pairs with, in order of preference."""
+    suffix = kernel_name_suffix(key)
+    if suffix is None:
+        return ()
+    return tuple(f"{b}{suffix}" for b in BIAS_NAMES)
 
 
 @dataclass(frozen=True)
 class DenseLayer:
-    """One dense layer found in a params pytree: leaf indices (into ``flatten``'s order)."""
+    """One dense layer found in a params pytree: leaf indices (into ``flatten``'s order).
+
+    Attributes:
+      name: the layer's name (the kernel's parent path for named kernels, else its path).
+      kernel: index of the ``(in, out)`` kernel leaf.
+      bias: index of the paired 1-D bias leaf, or ``None``.
+      kind: how the kernel was recognised: ``"named"`` (its key is a kernel name, see
+        :func:`kernel_name_suffix`), ``"sequence"`` (an element of a list/tuple, the Keras
+        ``get_weights()`` layout) or ``"unnamed"`` (any other 2-D leaf, e.g. a dict entry
+        ``"embed"``: it may be an embedding table or any matrix, not a layer).
+    """
 
     name: str
     kernel: int
     bias: int | None
+    kind: str = "named"
 
 
 def find_instances(tree: Any, cls: type) -> list[Any]:
@@ -351,6 +422,23 @@ def last_key(path: str) -> str:
     return path.rsplit("/", 1)[-1]
 
 
+def _in_sequence(keypath: tuple) -> bool:
+    return bool(keypath) and isinstance(keypath[-1], jax.tree_util.SequenceKey)
+
+
+def _next_leaf_bias(i: int, paths: list[str], leaves: list[Any]) -> int | None:
+    """The sequence convention: the next leaf, if 1-D of the kernel's width, same parent."""
+    j = i + 1
+    if (
+        j < len(leaves)
+        and ndim(leaves[j]) == 1
+        and parent_path(paths[j]) == parent_path(paths[i])
+        and leaves[j].shape[0] == leaves[i].shape[1]
+    ):
+        return j
+    return None
+
+
 def dense_layers(params: PyTree, *, what: str = "params") -> list[DenseLayer]:
     """Find the dense layers of an MLP pytree, in forward order, with their paired biases.
 
@@ -358,51 +446,52 @@ def dense_layers(params: PyTree, *, what: str = "params") -> list[DenseLayer]:
       * sibling leaves ``kernel``/``bias`` in a dict (Flax ``{"Dense_0": {"kernel", "bias"}}``;
         also ``weight``/``bias`` and ``w``/``b``); layers are ordered by the *natural* order of
         their paths, so ``Dense_10`` comes after ``Dense_9``;
+      * sibling leaves named with a matching suffix: ``W``/``b``, ``w1``/``b1``, ``W_2``/``b_2``,
+        ``kernel3``/``bias3`` (a flat ``{"w1", "b1", "w2", "b2"}`` dict); if no bias of that
+        name exists, the sequence convention below applies;
       * a flat sequence ``[W1, b1, W2, b2, ...]`` (Keras ``get_weights()``), where a 2-D leaf is
         paired with the next leaf if that one is 1-D of length ``W.shape[1]``; sequences of
-        ``(W, b)`` tuples pair the same way.
+        ``(W, b)`` tuples pair the same way.  Other 2-D leaves (kind ``"unnamed"``) pair by the
+        same rule, but they may not be layers at all: see ``DenseLayer.kind``.
 
     Returns:
       One ``DenseLayer`` per 2-D leaf, in forward order.
     """
     paths, leaves, _ = flatten(params, what=what)
+    keypaths = [
+        kp for kp, _ in jax.tree_util.tree_flatten_with_path(params, is_leaf=is_matrix_object)[0]
+    ]
     by_path = {p: i for i, p in enumerate(paths)}
-    layers: list[DenseLayer] = []
     used_bias: set[int] = set()
-    kernel_idx = [i for i, leaf in enumerate(leaves) if ndim(leaf) == 2]
     named = []
-    for i in kernel_idx:
+    for i in (i for i, leaf in enumerate(leaves) if ndim(leaf) == 2):
         p = paths[i]
         par, last = parent_path(p), last_key(p)
         bias = None
-        if last in KERNEL_NAMES:
-            for bname in BIAS_NAMES:
-                cand = f"{par}/{bname}" if par else bname
-                j = by_path.get(cand)
+        if last in KERNEL_NAMES or (
+            kernel_name_suffix(last) is not None and not _in_sequence(keypaths[i])
+        ):
+            for bname in bias_names_for(last):
+                j = by_path.get(f"{par}/{bname}" if par else bname)
                 if j is not None and ndim(leaves[j]) == 1:
                     bias = j
                     break
-            named.append((par or p, i, bias))
+            if bias is None and last not in KERNEL_NAMES:
+                bias = _next_leaf_bias(i, paths, leaves)
+            named.append((par or p, i, bias, "named"))
             continue
-        # sequence convention: the next leaf in flatten order under the same parent
-        j = i + 1
-        if (
-            j < len(leaves)
-            and ndim(leaves[j]) == 1
-            and parent_path(paths[j]) == par
-            and leaves[j].shape[0] == leaves[i].shape[1]
-        ):
-            bias = j
-        named.append((p, i, bias))
+        kind = "sequence" if _in_sequence(keypaths[i]) else "unnamed"
+        named.append((p, i, _next_leaf_bias(i, paths, leaves), kind))
     # natural order of the layer names; sequence layers keep flatten order (already natural)
     named.sort(key=lambda t: _natural_key(t[0]))
-    for name, i, b in named:
+    layers: list[DenseLayer] = []
+    for name, i, b, kind in named:
         if b is not None:
             if b in used_bias:
                 b = None
             else:
                 used_bias.add(b)
-        layers.append(DenseLayer(name=name, kernel=i, bias=b))
+        layers.append(DenseLayer(name=name, kernel=i, bias=b, kind=kind))
     return layers
 
 

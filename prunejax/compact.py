@@ -92,6 +92,17 @@ def _mlp(params: PyTree, masks: PyTree | None, *, what: str = "compact") -> _Mlp
     layers = dense_layers(params)
     if not layers:
         raise ValueError(f"{what}: params hold no 2-D kernel, so they are not an MLP")
+    for layer in layers:
+        if layer.kind == "unnamed":
+            p = paths[layer.kernel]
+            raise ValueError(
+                f"{what}: params are not an MLP chain: 2-D leaf {p!r} (shape "
+                f"{tuple(np.shape(leaves[layer.kernel]))}) is not a dense-layer kernel: it is "
+                "neither named like one (kernel, weight, w, W, w1, ...) nor an element of a "
+                "[W, b, ...] list, so it may be an embedding table or "
+                "another matrix whose rows compaction must not delete. Compact the dense layers "
+                "on their own (a sub-tree holding only them), or rename the kernel"
+            )
     owned = {layer.kernel for layer in layers} | {
         layer.bias for layer in layers if layer.bias is not None
     }
@@ -208,7 +219,11 @@ def compact(
       params: an MLP: Flax-style ``{"Dense_0": {"kernel", "bias"}, ...}``, a Keras-style list
         ``[W1, b1, W2, b2, ...]`` or any pytree ``prunejax._util.dense_layers`` understands,
         with dense ``(in, out)`` kernels, biases optional per layer.  Every leaf must belong to a
-        dense layer and consecutive layers must chain (``out_i == in_{i+1}``).  Pruned weights are
+        dense layer and consecutive layers must chain (``out_i == in_{i+1}``).  Kernels are
+        recognised by name (``kernel``/``weight``/``w``/``W``/``w1``/..., see
+        ``DenseLayer.kind``) or by position in a list/tuple; any other 2-D leaf (a dict entry
+        such as ``"embed"``) is refused, since an embedding table that happens to chain with a
+        dense layer would otherwise lose rows.  Pruned weights are
         exact zeros (pass ``masks`` to apply a mask first).
       activation: the elementwise nonlinearity between layers (the same one the model uses).
         It must be a JAX-traceable function; it is evaluated on the biases of dead-on-input units.
@@ -222,7 +237,8 @@ def compact(
       array per layer of the original output-unit indices that survive.
 
     Raises:
-      ValueError: params are not an MLP chain (a leaf outside any dense layer, mismatched shapes
+      ValueError: params are not an MLP chain (a leaf outside any dense layer, a 2-D leaf not
+        recognised as a kernel, mismatched shapes
         between consecutive layers, a bias of the wrong length), a weight is NaN/inf, or a
         nonzero constant cannot be folded (the message names the layers and units).
       TypeError: a leaf is traced (compaction is shape-changing, so it cannot be jitted), a

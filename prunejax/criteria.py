@@ -25,6 +25,7 @@ import optax
 from prunejax._util import (
     PyTree,
     Where,
+    check_number,
     check_same_structure,
     find_instances,
     find_state,
@@ -207,7 +208,7 @@ def movement(*, scale: float = 1.0) -> optax.GradientTransformation:
       An ``optax.GradientTransformation`` whose state is a :class:`MovementState`; ``update``
       needs ``params``.
     """
-    scale = float(scale)
+    scale = check_number(scale, name="scale")
     if not np.isfinite(scale):
         raise ValueError(f"scale must be finite, got {scale!r}")
 

@@ -27,7 +27,15 @@ from typing import Any
 
 import numpy as np
 
-from prunejax._util import PyTree, Where, check_fraction, flatten, per_leaf_values, select
+from prunejax._util import (
+    PyTree,
+    Where,
+    check_fraction,
+    check_number,
+    flatten,
+    per_leaf_values,
+    select,
+)
 from prunejax.masks import magnitude_masks
 
 __all__ = [
@@ -169,7 +177,7 @@ def erk_sparsity(
         ``dense`` path that is not a selected leaf; a target the non-dense leaves cannot reach.
     """
     s = _global_target(sparsity)
-    ps = float(power_scale)
+    ps = check_number(power_scale, name="power_scale")
     if not (np.isfinite(ps) and ps >= 0):
         raise ValueError(f"power_scale must be a finite number >= 0, got {power_scale!r}")
     paths, shapes = _selected(params, where)

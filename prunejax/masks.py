@@ -18,13 +18,24 @@ Semantics shared by all builders:
 * ``sparsity`` may be a number or a per-leaf mapping/pytree of numbers, see
   :func:`prunejax._util.per_leaf_values` (``{"Dense_2/kernel": 0.74}``, ``[0.92, None, ...]``).
   Selected leaves the mapping does not name are left unpruned.
+* Scores are exact: magnitudes are compared in the leaf's own float type (half types widened to
+  float32), integer leaves by their exact unsigned magnitude (no float rounding, so ``2**53 + 1``
+  ranks above ``2**53`` and ``2**24 + 1`` above ``2**24``), bools as 0/1.  Global scope over
+  float and integer leaves together ranks exactly too.  Norms (unit, block) and thresholds are
+  float computations: float64 for integer leaves (float32 under JAX without x64).  When the
+  ranking runs in JAX without x64 (a JAX leaf or a traced argument), NumPy int64/uint64 leaves
+  whose values do not fit 32 bits raise ``ValueError`` instead of wrapping.
 * Bad input raises ``ValueError``/``TypeError`` naming the leaf path: sparsity outside ``[0, 1]``
-  or NaN, non-finite weights (checked on concrete inputs; traced values cannot be inspected),
-  a per-leaf map naming a missing leaf, structured pruning of a leaf of the wrong rank.
+  or NaN, a string, bytes or bool where a number is expected (``"0.5"`` and ``True`` are
+  refused at layer and global scope alike), non-finite weights (checked on concrete inputs;
+  traced values cannot be inspected), complex or non-numeric selected leaves (``TypeError``:
+  magnitude is ambiguous for complex weights, prune ``np.abs(w)`` instead), a per-leaf map
+  naming a missing leaf, structured pruning of a leaf of the wrong rank.
 """
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -40,12 +51,14 @@ from prunejax._util import (
     check_finite,
     check_fraction,
     check_int,
+    check_number,
     check_same_structure,
     dense_layers,
     dtype_of,
     flatten,
     is_jax,
     is_traced,
+    parent_path,
     per_leaf_values,
     select,
 )
@@ -67,12 +80,22 @@ __all__ = [
 # ----------------------------------------------------------------------------- ranking core
 
 
-def _score_dtype(x: Any) -> Any:
-    """Scores are compared in float32 for half types, else in the leaf's own float type."""
-    dt = dtype_of(x)
-    if dt in (jnp.bfloat16, np.float16) or np.dtype(dt).kind not in "f":
+def _is_real(dt: Any) -> bool:
+    return bool(jnp.issubdtype(dt, jnp.floating) or jnp.issubdtype(dt, jnp.integer)) or (
+        np.dtype(dt) == np.bool_
+    )
+
+
+def _norm_dtype(x: Any, use_jax: bool) -> Any:
+    """The float type norms and thresholds are computed in: float32 for half types; float64
+    for integers and bools (float32 under JAX without x64, which has no float64); else the
+    leaf's own float type."""
+    dt = np.dtype(dtype_of(x))
+    if jnp.issubdtype(dt, jnp.floating) and dt.itemsize >= 4:
+        return dt
+    if jnp.issubdtype(dt, jnp.floating):
         return np.float32
-    return dt
+    return np.float64 if not use_jax or jax.config.jax_enable_x64 else np.float32
 
 
 def _num_pruned(sparsity: Any, n: int, use_jax: bool) -> Any:
@@ -115,9 +138,23 @@ def keep_lowest_k(scores: Any, k: Any, use_jax: bool) -> Any:
 
 
 def _abs_scores(leaf: Any, use_jax: bool) -> Any:
+    """Exact magnitudes, flattened: ``|w|`` in the leaf's own float type (half types widened to
+    float32, which holds them exactly); for integers the unsigned magnitude of the same width
+    (``|int8(-128)| = uint8(128)``), compared exactly whatever its size (no float rounding, so
+    ``2**53 + 1`` ranks above ``2**53``); bools as 0/1."""
     xp = jnp if use_jax else np
-    dt = _score_dtype(leaf)
-    return xp.abs(xp.asarray(leaf).astype(dt)).reshape(-1)
+    w = xp.asarray(leaf).reshape(-1)
+    dt = np.dtype(w.dtype)
+    if dt == np.bool_:
+        return w.astype(np.uint8)
+    if jnp.issubdtype(dt, jnp.unsignedinteger):
+        return w
+    if jnp.issubdtype(dt, jnp.integer):
+        udt = np.dtype(f"uint{8 * dt.itemsize}")
+        # -(x + 1) never overflows; adding 1 in the unsigned type gives |x| exactly
+        neg = (-(w + 1)).astype(udt) + udt.type(1)
+        return xp.where(w < 0, neg, w.astype(udt))
+    return xp.abs(w.astype(np.float32 if dt.itemsize < 4 else dt))
 
 
 def _ones_like(leaf: Any, use_jax: bool) -> Any:
@@ -133,12 +170,53 @@ def _check_sparsity(value: Any, path: str) -> Any:
     return check_fraction(value, name="sparsity", path=path)
 
 
+def _check_jax_range(
+    paths: list[str], leaves: list[Any], selected: list[bool], use_jax: bool
+) -> None:
+    """Refuse NumPy 64-bit integer leaves whose values JAX (without x64) would wrap to 32 bits.
+
+    With JAX leaves elsewhere in the tree or a traced argument the ranking runs in JAX, which
+    without ``jax_enable_x64`` stores int64 as int32 and uint64 as uint32; values beyond those
+    ranges would silently change the order, so they raise instead.
+    """
+    if not use_jax or jax.config.jax_enable_x64:
+        return
+    for p, leaf, s in zip(paths, leaves, selected, strict=True):
+        if not s or is_jax(leaf):
+            continue
+        dt = np.dtype(dtype_of(leaf))
+        if dt.kind in "iu" and dt.itemsize == 8 and np.size(leaf):
+            info = np.iinfo(np.int32 if dt.kind == "i" else np.uint32)
+            arr = np.asarray(leaf)
+            if arr.min() < info.min or arr.max() > info.max:
+                raise ValueError(
+                    f"leaf {p!r} ({dt}) holds values beyond {np.dtype(info.dtype)}, which JAX "
+                    "without x64 cannot represent, and this call ranks in JAX (a JAX leaf or a "
+                    "traced argument); pass all-NumPy params with a concrete sparsity, or enable "
+                    "jax_enable_x64"
+                )
+
+
 def _validated(params: PyTree, where: Where | None) -> tuple[list[str], list[Any], Any, list[bool]]:
+    """Flatten, select, and check every selected leaf: a real dtype, finite values."""
     paths, leaves, treedef = flatten(params)
     selected = select(paths, leaves, where)
     for p, leaf, s in zip(paths, leaves, selected, strict=True):
-        if s:
-            check_finite(p, leaf)
+        if not s:
+            continue
+        dt = dtype_of(leaf)
+        if not _is_real(dt):
+            hint = (
+                "; rank complex weights by np.abs(w) (or prune the real and imaginary parts "
+                "as separate leaves) and pass that instead"
+                if np.dtype(dt).kind == "c"
+                else ""
+            )
+            raise TypeError(
+                f"leaf {p!r} has dtype {dt}: magnitude pruning needs real numbers "
+                f"(float, int or bool){hint}"
+            )
+        check_finite(p, leaf)
     return paths, leaves, treedef, selected
 
 
@@ -157,6 +235,60 @@ def _sparsity_leaves(sparsity: Any) -> list[Any]:
     if isinstance(sparsity, Mapping | list | tuple):
         return jax.tree_util.tree_leaves(sparsity)
     return [sparsity]
+
+
+def _int_residual(mag: Any, fdt: Any, use_jax: bool) -> Any:
+    """``mag - fdt(mag)`` exactly, as a signed int: what rounding an unsigned magnitude to the
+    float type ``fdt`` lost (modular arithmetic; the true value is far inside the range)."""
+    xp = jnp if use_jax else np
+    udt = np.uint64 if not use_jax or jax.config.jax_enable_x64 else np.uint32
+    bits = 8 * np.dtype(udt).itemsize
+    m = mag.astype(udt)
+    f = m.astype(fdt)
+    back = xp.where(f >= 2.0**bits, xp.zeros((), fdt), f).astype(udt)
+    diff = m - back
+    sdt = np.dtype(f"int{bits}")
+    return jax.lax.bitcast_convert_type(diff, sdt) if use_jax else diff.view(sdt)
+
+
+def _global_keep(scores: list[Any], sparsity: Any, use_jax: bool) -> Any:
+    """One exact ranking over the concatenated magnitudes of several leaves.
+
+    Leaves of one kind (all floating, or all integer) are compared in their common type, which
+    holds every value exactly.  Floating and integer leaves together are ranked by two keys: the
+    magnitude rounded to a float type (float64; float32 under JAX without x64) and the integer
+    remainder that rounding lost, so the order is exact for integers of any size as well.
+    """
+    xp = jnp if use_jax else np
+    kinds = {np.dtype(x.dtype).kind for x in scores}
+    if len(kinds) == 1:
+        common = np.result_type(*[x.dtype for x in scores])
+        flat = xp.concatenate([x.astype(common) for x in scores])
+        k = _num_pruned(sparsity, flat.shape[0], use_jax)
+        return keep_lowest_k(flat, k, use_jax)
+    fdt = np.float64 if not use_jax or jax.config.jax_enable_x64 else np.float32
+    floats = [x for x in scores if np.dtype(x.dtype).kind == "f"]
+    fdt = np.result_type(fdt, *[x.dtype for x in floats])
+    primary = xp.concatenate([x.astype(fdt) for x in scores])
+    residual = xp.concatenate(
+        [
+            _int_residual(x, fdt, use_jax)
+            if np.dtype(x.dtype).kind == "u"
+            else xp.zeros(x.shape, np.int64 if fdt == np.float64 and not use_jax else np.int32)
+            for x in scores
+        ]
+    )
+    n = primary.shape[0]
+    k = _num_pruned(sparsity, n, use_jax)
+    if use_jax:
+        iota = jnp.arange(n, dtype=jnp.int32)
+        order = jax.lax.sort((primary, residual.astype(jnp.int32), iota), num_keys=3)[-1]
+        ranks = jnp.zeros((n,), jnp.int32).at[order].set(iota)
+    else:
+        order = np.lexsort((residual, primary))
+        ranks = np.empty((n,), np.int64)
+        ranks[order] = np.arange(n)
+    return ranks >= k
 
 
 # ----------------------------------------------------------------------------- builders
@@ -190,6 +322,7 @@ def magnitude_masks(
         raise ValueError(f"scope must be 'layer' or 'global', got {scope!r}")
     paths, leaves, treedef, selected = _validated(params, where)
     use_jax = _use_jax(leaves, *_sparsity_leaves(sparsity))
+    _check_jax_range(paths, leaves, selected, use_jax)
     if scope == "layer":
         values = per_leaf_values(sparsity, paths, selected, name="sparsity", check=_check_sparsity)
 
@@ -203,17 +336,11 @@ def magnitude_masks(
     # global scope: one ranking over the concatenation of the selected leaves
     if isinstance(sparsity, Mapping | list | tuple):
         raise TypeError("scope='global' takes one sparsity number, not a per-leaf mapping")
-    _check_sparsity(sparsity, "<global>")
+    check_fraction(sparsity, name="sparsity")
     chosen = [i for i, s in enumerate(selected) if s]
     if not chosen:
         raise ValueError("no leaf is selected for pruning (check where=)")
-    xp = jnp if use_jax else np
-    flat = [_abs_scores(leaves[i], use_jax).astype(np.float32) for i in chosen]
-    if not use_jax and any(dtype_of(leaves[i]) == np.float64 for i in chosen):
-        flat = [_abs_scores(leaves[i], use_jax).astype(np.float64) for i in chosen]
-    scores = xp.concatenate(flat)
-    k = _num_pruned(sparsity, scores.shape[0], use_jax)
-    keep = keep_lowest_k(scores, k, use_jax)
+    keep = _global_keep([_abs_scores(leaves[i], use_jax) for i in chosen], sparsity, use_jax)
     out = [_ones_like(leaf, use_jax) for leaf in leaves]
     offset = 0
     for i in chosen:
@@ -221,6 +348,51 @@ def magnitude_masks(
         out[i] = keep[offset : offset + n].reshape(np.shape(leaves[i]))
         offset += n
     return jax.tree_util.tree_unflatten(treedef, out)
+
+
+def _unit_biases(
+    params: PyTree, paths: list[str], leaves: list[Any], values: list[Any]
+) -> dict[int, int | None]:
+    """The bias paired with every pruned kernel (``dense_layers``), checked for width.
+
+    Warns when a pruned kernel has no paired bias but an unpaired 1-D leaf of its width sits
+    beside it (same parent): that leaf is probably its bias under a naming ``dense_layers``
+    does not know, and it would keep the pruned units' biases alive.
+    """
+    layers = dense_layers(params)
+    bias_of = {layer.kernel: layer.bias for layer in layers}
+    paired = {layer.bias for layer in layers if layer.bias is not None}
+    for i, v in enumerate(values):
+        if v is None:
+            continue
+        width = np.shape(leaves[i])[1]
+        b = bias_of.get(i)
+        if b is not None and np.shape(leaves[b]) != (width,):
+            raise ValueError(
+                f"unit_masks: bias {paths[b]!r} of kernel {paths[i]!r} has shape "
+                f"{np.shape(leaves[b])}, but the kernel has {width} output units"
+            )
+        if b is not None:
+            continue
+        par = parent_path(paths[i])
+        near = [
+            paths[j]
+            for j, leaf in enumerate(leaves)
+            if j not in paired
+            and values[j] is None
+            and parent_path(paths[j]) == par
+            and np.shape(leaf) == (width,)
+        ]
+        if near:
+            warnings.warn(
+                f"unit_masks: kernel {paths[i]!r} has no paired bias, but the 1-D leaf "
+                f"{near[0]!r} beside it has its width ({width}) and keeps all its entries; if it "
+                "is the bias, name the pair kernel/bias (or w/b, W/b, w1/b1) or prune it with "
+                "the kernel mask's first row",
+                UserWarning,
+                stacklevel=3,
+            )
+    return bias_of
 
 
 def unit_masks(
@@ -235,22 +407,32 @@ def unit_masks(
     Unit (neuron) pruning as in Molchanov et al. (2017), "Pruning Convolutional Neural Networks
     for Resource Efficient Inference" and Li et al. (2017), "Pruning Filters for Efficient
     ConvNets": rank the output units of each layer by the ``ord``-norm of their incoming weights
-    (column ``j`` of the kernel) and prune ``round(s * out)`` of them, ties by column index.  The
-    bias entry paired with a pruned column is pruned too (Flax ``kernel``/``bias`` siblings; the
-    ``[W, b, W, b, ...]`` layout of Keras ``get_weights()``).
+    (column ``j`` of the kernel) and prune ``round(s * out)`` of them, ties by column index.
+    The bias entry paired with a pruned column is pruned too, with the pairing of
+    :func:`prunejax._util.dense_layers`: Flax ``kernel``/``bias`` siblings (also
+    ``weight``/``bias``, ``w``/``b``, ``W``/``b``, ``w1``/``b1``, ``W_2``/``b_2``), and the
+    ``[W, b, W, b, ...]`` layout of Keras ``get_weights()``.  A pruned kernel without a paired
+    bias but with an unpaired 1-D leaf of its width beside it (same parent) raises a
+    ``UserWarning`` naming that leaf, which keeps all its entries.  Norms of integer kernels
+    are computed in float64 (float32 under JAX without x64).
 
     Args:
       params: any pytree of arrays; every selected leaf must be 2-D ``(in, out)``.
       sparsity: fraction of units to prune per selected kernel; number or per-leaf mapping.
-      ord: the norm order (``2`` = L2, ``1`` = L1, ``np.inf`` = max).
+      ord: the norm order, a positive number (``2`` = L2, ``1`` = L1, ``np.inf`` = max).
       where: ``(path, leaf) -> bool`` selecting kernels (default: ``ndim >= 2``).
 
     Returns:
       A pytree of boolean masks (True = kept): whole columns of kernels, matching bias entries.
 
     Raises:
-      ValueError: a selected leaf is not 2-D, or a bad sparsity.
+      ValueError: a selected leaf is not 2-D, a paired bias is not ``(out,)``, ``ord <= 0`` or
+        NaN, or a bad sparsity.
+      TypeError: a selected leaf is complex or not numeric; ``ord`` is not a number.
     """
+    o = check_number(ord, name="ord")
+    if not o > 0:
+        raise ValueError(f"ord must be a positive number (1, 2, np.inf, ...), got {ord!r}")
     paths, leaves, treedef, selected = _validated(params, where)
     for p, leaf, s in zip(paths, leaves, selected, strict=True):
         if s and np.ndim(leaf) != 2:
@@ -259,14 +441,15 @@ def unit_masks(
                 f"{np.shape(leaf)}; exclude it with where="
             )
     use_jax = _use_jax(leaves, *_sparsity_leaves(sparsity))
+    _check_jax_range(paths, leaves, selected, use_jax)
     xp = jnp if use_jax else np
     values = per_leaf_values(sparsity, paths, selected, name="sparsity", check=_check_sparsity)
-    bias_of = {layer.kernel: layer.bias for layer in dense_layers(params)}
+    bias_of = _unit_biases(params, paths, leaves, values)
     out = [_ones_like(leaf, use_jax) for leaf in leaves]
     for i, (leaf, s) in enumerate(zip(leaves, values, strict=True)):
         if s is None:
             continue
-        w = xp.asarray(leaf).astype(_score_dtype(leaf))
+        w = xp.asarray(leaf).astype(_norm_dtype(leaf, use_jax))
         norms = xp.linalg.norm(w, ord=ord, axis=0)
         k = _num_pruned(s, norms.shape[0], use_jax)
         cols = keep_lowest_k(norms, k, use_jax)
@@ -302,21 +485,19 @@ def threshold_masks(
     def check_quality(q: Any, path: str) -> Any:
         if is_traced(q):
             return q
-        try:
-            f = float(q)
-        except (TypeError, ValueError):
-            raise TypeError(f"quality for leaf {path!r} must be a number") from None
+        f = check_number(q, name=f"quality for leaf {path!r}")
         if not np.isfinite(f) or f < 0:
             raise ValueError(f"quality for leaf {path!r} must be finite and >= 0, got {q!r}")
-        return q
+        return f  # a concrete JAX scalar would turn NumPy results into JAX arrays
 
     paths, leaves, treedef, selected = _validated(params, where)
     use_jax = _use_jax(leaves, *_sparsity_leaves(quality))
+    _check_jax_range(paths, leaves, selected, use_jax)
     xp = jnp if use_jax else np
     values = per_leaf_values(quality, paths, selected, name="quality", check=check_quality)
 
     def build(i: int, leaf: Any, q: Any) -> Any:
-        w = xp.asarray(leaf).astype(_score_dtype(leaf))
+        w = xp.asarray(leaf).astype(_norm_dtype(leaf, use_jax))
         return xp.abs(w) >= q * xp.std(w)
 
     return _per_leaf_masks(treedef, leaves, values, use_jax, build)
@@ -350,10 +531,12 @@ def nm_masks(
     """
     check_int(n, name="n")
     check_int(m, name="m", minimum=1)
+    check_int(axis, name="axis")
     if not 0 <= n <= m:
         raise ValueError(f"n must be in [0, m] = [0, {m}], got n={n}")
     paths, leaves, treedef, selected = _validated(params, where)
     use_jax = _use_jax(leaves)
+    _check_jax_range(paths, leaves, selected, use_jax)
     xp = jnp if use_jax else np
     out = []
     for p, leaf, s in zip(paths, leaves, selected, strict=True):
@@ -368,7 +551,7 @@ def nm_masks(
                 f"leaf {p!r} has shape {shape}: dimension {shape[axis]} along axis {axis} "
                 f"is not divisible by m={m}"
             )
-        w = xp.moveaxis(xp.abs(xp.asarray(leaf).astype(_score_dtype(leaf))), axis, -1)
+        w = xp.moveaxis(_abs_scores(leaf, use_jax).reshape(shape), axis, -1)
         moved = w.shape
         groups = w.reshape(-1, m)
         order = (
@@ -422,12 +605,13 @@ def block_masks(
                 f"leaf {p!r} of shape {shape} is not divisible into ({bh}, {bw}) blocks"
             )
     use_jax = _use_jax(leaves, *_sparsity_leaves(sparsity))
+    _check_jax_range(paths, leaves, selected, use_jax)
     xp = jnp if use_jax else np
     values = per_leaf_values(sparsity, paths, selected, name="sparsity", check=_check_sparsity)
 
     def build(i: int, leaf: Any, s: Any) -> Any:
         r, c = np.shape(leaf)
-        w = xp.asarray(leaf).astype(_score_dtype(leaf))
+        w = xp.asarray(leaf).astype(_norm_dtype(leaf, use_jax))
         blocks = w.reshape(r // bh, bh, c // bw, bw)
         norms = xp.sqrt(xp.sum(blocks * blocks, axis=(1, 3))).reshape(-1)
         k = _num_pruned(s, norms.shape[0], use_jax)
@@ -484,7 +668,8 @@ def apply_masks(params: PyTree, masks: PyTree) -> PyTree:
       masks: boolean pytree of the same structure and shapes.
 
     Returns:
-      The pruned params (same kinds of arrays as ``params``).
+      The pruned params: the same kinds of arrays and dtypes as ``params`` (NumPy params give
+      NumPy results even with JAX masks, unless the masks are traced under ``jit``).
 
     Raises:
       ValueError: structures or shapes differ (the message names the leaf).
@@ -493,10 +678,10 @@ def apply_masks(params: PyTree, masks: PyTree) -> PyTree:
     _, leaves, mleaves, treedef = check_same_structure(params, masks)
     out = []
     for leaf, m in zip(leaves, mleaves, strict=True):
-        if is_jax(leaf) or is_jax(m):
+        if is_jax(leaf) or is_traced(m):
             out.append(jnp.where(m, leaf, jnp.zeros((), jnp.asarray(leaf).dtype)))
-        else:
-            out.append(np.where(m, leaf, np.zeros((), dtype_of(leaf))))
+        else:  # NumPy params stay NumPy (and float64 stays float64) even with JAX masks
+            out.append(np.where(np.asarray(m), leaf, np.zeros((), dtype_of(leaf))))
     return jax.tree_util.tree_unflatten(treedef, out)
 
 

@@ -16,7 +16,7 @@ from typing import Any
 
 import jax.numpy as jnp
 
-from prunejax._util import check_int
+from prunejax._util import check_fraction, check_int, check_number, is_traced
 
 __all__ = [
     "SparsitySchedule",
@@ -30,15 +30,10 @@ SparsitySchedule = Callable[[Any], Any]
 
 
 def _check_fraction(value: Any, name: str) -> float:
-    if isinstance(value, bool):
-        raise TypeError(f"{name} must be a number in [0, 1], got a bool")
-    try:
-        f = float(value)
-    except (TypeError, ValueError):
-        raise TypeError(f"{name} must be a number in [0, 1], got {type(value).__name__}") from None
-    if math.isnan(f) or not 0.0 <= f <= 1.0:
-        raise ValueError(f"{name} must be in [0, 1], got {value!r}")
-    return f
+    """A concrete fraction in ``[0, 1]`` as ``float`` (strings and bools refused, as everywhere)."""
+    if is_traced(value):
+        raise TypeError(f"{name} must be a concrete number, not a traced value")
+    return float(check_fraction(value, name=name))
 
 
 def constant_sparsity(sparsity: float) -> SparsitySchedule:
@@ -118,10 +113,7 @@ def polynomial_sparsity(
     t1 = check_int(end_step, name="end_step", minimum=0)
     if t1 <= t0:
         raise ValueError(f"end_step ({t1}) must be greater than begin_step ({t0})")
-    try:
-        p = float(power)
-    except (TypeError, ValueError):
-        raise TypeError(f"power must be a number, got {type(power).__name__}") from None
+    p = check_number(power, name="power")
     if not (math.isfinite(p) and p > 0):
         raise ValueError(f"power must be a positive finite number, got {power!r}")
     span = float(t1 - t0)

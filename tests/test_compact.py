@@ -365,3 +365,43 @@ def test_compaction_plan_does_not_depend_on_values_only_on_zeros():
     a = compaction_plan(params)
     b = compaction_plan(scaled)
     assert [x.tolist() for x in a] == [x.tolist() for x in b]
+
+
+# ----------------------------------------------------------------------------- what is a kernel
+
+
+def test_embedding_table_that_chains_is_refused_not_compacted():
+    # Dense_0's 4 outputs happen to match the table's 4 rows, and row 1 (a padding token) is
+    # zero: treating the table as the next layer would delete that row and Dense_0's unit 1.
+    table = np.arange(1.0, 13.0, dtype=np.float32).reshape(4, 3)
+    table[1] = 0.0
+    params = {
+        "embed": table,
+        "Dense_0": {"kernel": np.ones((3, 4), np.float32), "bias": np.zeros(4, np.float32)},
+    }
+    with pytest.raises(ValueError, match=r"2-D leaf 'embed' \(shape \(4, 3\)\) is not a dense"):
+        compact(params)
+    with pytest.raises(ValueError, match="'embed'"):
+        compaction_plan(params)
+    flax_embed = {"Embed_0": {"embedding": table}, "Dense_0": params["Dense_0"]}
+    with pytest.raises(ValueError, match="'Embed_0/embedding'"):
+        compact(flax_embed)
+
+
+def test_named_flat_dicts_and_lists_still_compact():
+    w1 = np.array([[1.0, 0.0, 2.0], [3.0, 0.0, 1.0]], np.float32)
+    w2 = np.array([[1.0], [5.0], [2.0]], np.float32)  # unit 1 of layer 1 is dead on input
+    b1 = np.array([0.5, -1.0, 0.25], np.float32)
+    b2 = np.array([0.1], np.float32)
+    x = np.array([[1.0, -2.0], [0.5, 0.5]], np.float32)
+    for params in (
+        {"w1": w1, "b1": b1, "w2": w2, "b2": b2},
+        {"W_1": w1, "b_1": b1, "W_2": w2, "b_2": b2},
+        [w1, b1, w2, b2],
+        [w1, w2],  # a Keras list without biases
+    ):
+        small, kept = compact(params)
+        assert [k.tolist() for k in kept] == [[0, 2], [0]]
+        np.testing.assert_allclose(
+            np.asarray(mlp_apply(small, x)), np.asarray(mlp_apply(params, x)), rtol=1e-6
+        )

@@ -175,3 +175,15 @@ def test_bad_input():
         erk_sparsity(params, 0.5, power_scale=-1)
     with pytest.raises(ValueError, match="no leaf"):
         erk_sparsity(params, 0.5, where=lambda p, x: False)
+
+
+@pytest.mark.parametrize("bad", ["0.5", True, np.bool_(False), b"1"])
+def test_strings_and_bools_are_refused(bad):
+    params = _mlp([(4, 3), (3, 2)])
+    for call in (
+        lambda: erk_sparsity(params, bad),
+        lambda: uniform_sparsity(params, bad),
+        lambda: erk_sparsity(params, 0.5, power_scale=bad),
+    ):
+        with pytest.raises(TypeError):
+            call()

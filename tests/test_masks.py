@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import warnings
 
 import jax
 import jax.numpy as jnp
@@ -470,3 +471,187 @@ def test_empty_pytree_and_non_array_leaf():
             pj.magnitude_masks(empty, 0.5)
     with pytest.raises(TypeError, match="'a'.*str"):
         pj.magnitude_masks({"a": "weights"}, 0.5)
+
+
+# ----------------------------------------------------------------------------- exact scores
+
+
+def _exact_oracle(values, s):
+    """Prune ``round(s * n)`` entries by exact Python magnitude (ints compare exactly), ties by
+    index."""
+    n = len(values)
+    k = int(np.round(np.float64(s) * n))
+    order = sorted(range(n), key=lambda i: (abs(values[i]), i))
+    keep = np.ones(n, bool)
+    keep[order[:k]] = False
+    return keep
+
+
+BIG_INTS = [2**53 + 1, 2**53, -(2**53) - 1, 2**24 + 1, 2**24, -(2**24) - 1, -(2**63), 2**63 - 1]
+
+
+@pytest.mark.parametrize("s", [0.125, 0.25, 0.375, 0.5, 0.625, 0.75, 0.875])
+def test_integer_weights_rank_exactly_beyond_float_precision(s):
+    x = np.array(BIG_INTS + [7, -7, 0, 2**53], np.int64)  # ties: ±7, 2**53 twice
+    ints = [int(v) for v in x]
+    m = pj.magnitude_masks({"a": x.reshape(3, 4)}, s)["a"].reshape(-1)
+    np.testing.assert_array_equal(m, _exact_oracle(ints, s))
+    # nm: within a pair the exact larger magnitude survives
+    nm = pj.nm_masks({"a": x.reshape(6, 2).T.copy()}, 1, 2, axis=0)["a"].T.reshape(-1)
+    pairs = x.reshape(6, 2)
+    # ties (7, -7): the lower index is pruned first
+    expect = [[abs(int(a)) > abs(int(b)), abs(int(b)) >= abs(int(a))] for a, b in pairs]
+    np.testing.assert_array_equal(nm, np.array(expect).reshape(-1))
+
+
+@pytest.mark.parametrize("s", [0.2, 0.4, 0.5, 0.6, 0.8])
+def test_global_scope_mixes_int_and_float_leaves_exactly(s):
+    ints = np.array([[2**53 + 1, 2**53, 2**24 + 1, 2**24, 3]], np.int64)
+    floats = np.array([[2.0**53, 2.0**53 + 2, 2.0**24, 0.5, 3.0]], np.float64)
+    small = np.array([[2**24 + 1, -(2**15)]], np.int32)
+    m = pj.magnitude_masks({"a": ints, "b": floats, "c": small}, s, scope="global")
+    values = [int(v) for v in ints[0]] + [float(v) for v in floats[0]] + [int(v) for v in small[0]]
+    got = np.concatenate([m["a"][0], m["b"][0], m["c"][0]])
+    np.testing.assert_array_equal(got, _exact_oracle(values, s))
+
+
+@pytest.mark.parametrize("s", [0.25, 0.5, 0.75])
+def test_integer_ranking_is_exact_under_jax_and_jit(s):
+    x = jnp.array([2**30 + 1, 2**30, -(2**31), 2**31 - 1, 2**24 + 1, 2**24, 3, -3], jnp.int32)
+    f = jnp.array([[float(2**24), 2.0**30 + 128]], jnp.float32)
+    ints = [int(v) for v in np.asarray(x)]
+    eager = pj.magnitude_masks({"a": x.reshape(2, 4)}, s)["a"]
+    np.testing.assert_array_equal(np.asarray(eager).reshape(-1), _exact_oracle(ints, s))
+    glob = jax.jit(lambda p: pj.magnitude_masks(p, s, scope="global"))(
+        {"a": x.reshape(2, 4), "f": f}
+    )
+    got = np.concatenate([np.asarray(glob["a"]).reshape(-1), np.asarray(glob["f"]).reshape(-1)])
+    values = ints + [float(v) for v in np.asarray(f)[0]]
+    np.testing.assert_array_equal(got, _exact_oracle(values, s))
+
+
+def test_small_and_unsigned_integers_and_bools_rank_by_magnitude():
+    i8 = np.array([[-128, 127, -1, 0]], np.int8)
+    np.testing.assert_array_equal(pj.magnitude_masks([i8], 0.5)[0], [[True, True, False, False]])
+    u64 = np.array([[2**64 - 1, 2**64 - 2, 2**63, 1]], np.uint64)
+    np.testing.assert_array_equal(pj.magnitude_masks([u64], 0.5)[0], [[True, True, False, False]])
+    b = np.array([[True, False, True, False]])
+    np.testing.assert_array_equal(pj.magnitude_masks([b], 0.5)[0], [[True, False, True, False]])
+
+
+@pytest.mark.parametrize(
+    "build",
+    [
+        lambda p: pj.magnitude_masks(p, 0.5),
+        lambda p: pj.magnitude_masks(p, 0.5, scope="global"),
+        lambda p: pj.unit_masks(p, 0.5),
+        lambda p: pj.block_masks(p, 0.5, block=(1, 1)),
+        lambda p: pj.threshold_masks(p, 1.0),
+        lambda p: pj.nm_masks(p, 1, 2),
+    ],
+)
+@pytest.mark.parametrize("kind", ["numpy", "jax"])
+def test_complex_weights_are_refused_naming_the_leaf(build, kind):
+    w = np.array([[1 + 5j, 2 + 0j], [3 - 1j, 4j]], np.complex64)
+    p = {"Dense_0": {"kernel": w if kind == "numpy" else jnp.asarray(w)}}
+    with pytest.raises(TypeError, match=r"'Dense_0/kernel'.*complex64"):
+        build(p)
+
+
+@pytest.mark.parametrize("bad", ["0.5", b"0.5", True, np.bool_(False), np.array("0.5"), None])
+def test_strings_and_bools_are_refused_as_sparsity_at_every_scope(bad):
+    p = {"a": np.ones((2, 2), np.float32)}
+    for call in (
+        lambda: pj.magnitude_masks(p, bad),
+        lambda: pj.magnitude_masks(p, bad, scope="global"),
+        lambda: pj.unit_masks(p, bad),
+        lambda: pj.block_masks(p, bad, block=(1, 1)),
+        lambda: pj.random_masks(jax.random.key(0), p, bad),
+        lambda: pj.threshold_masks(p, bad),
+    ):
+        with pytest.raises(TypeError):
+            call()
+    # in a per-leaf map, None means "leave unpruned", so {"a": None} names nothing
+    with pytest.raises(ValueError if bad is None else TypeError):
+        pj.magnitude_masks(p, {"a": bad})
+
+
+# ----------------------------------------------------------------------------- bias pairing
+
+
+def test_unit_masks_pairs_numbered_and_uppercase_names():
+    w = np.array([[3.0, 0.1, 2.0, 0.2], [3.0, 0.1, 2.0, 0.2]], np.float32)
+    expect = [True, False, True, False]
+    for kname, bname in [("w1", "b1"), ("W", "b"), ("W_2", "b_2"), ("kernel3", "bias3")]:
+        p = {kname: w, bname: np.ones(4, np.float32), "other": np.ones(4, np.float32)}
+        m = pj.unit_masks(p, 0.5)
+        np.testing.assert_array_equal(m[bname], expect, err_msg=kname)
+        assert m["other"].all()
+    # several numbered layers in one flat dict pair by suffix, not by flatten order
+    p = {
+        "W1": np.ones((3, 4), np.float32) * [[1, 0.1, 1, 0.1]],
+        "W2": np.ones((4, 4), np.float32) * [[0.1, 1, 1, 0.1]],
+        "b1": np.ones(4, np.float32),
+        "b2": np.ones(4, np.float32),
+    }
+    layers = pj.dense_layers(p)
+    assert [(x.name, x.kernel, x.bias) for x in layers] == [("W1", 0, 2), ("W2", 1, 3)]
+    m = pj.unit_masks(p, 0.5)
+    np.testing.assert_array_equal(m["b1"], expect)
+    np.testing.assert_array_equal(m["b2"], [False, True, True, False])
+
+
+def test_dense_layers_kinds():
+    p = {
+        "embed": np.ones((5, 3)),
+        "Dense_0": {"kernel": np.ones((3, 2)), "bias": np.ones(2)},
+        "keras": [np.ones((2, 2)), np.ones(2)],
+    }
+    kinds = {x.name: x.kind for x in pj.dense_layers(p)}
+    assert kinds == {"Dense_0": "named", "embed": "unnamed", "keras/0": "sequence"}
+
+
+def test_unit_masks_warns_about_an_unpaired_bias_beside_a_kernel():
+    # "offset" sorts before "proj", so the [W, b] sequence rule does not pair it either
+    p = {"layer": {"proj": np.ones((3, 4), np.float32), "offset": np.ones(4, np.float32)}}
+    p["layer"]["proj"][:, 0] = 0.0
+    assert pj.dense_layers(p)[0].bias is None
+    with pytest.warns(UserWarning, match=r"'layer/proj'.*'layer/offset'"):
+        m = pj.unit_masks(p, 0.25)
+    assert m["layer"]["offset"].all() and not m["layer"]["proj"][:, 0].any()
+    # an unrelated width does not warn
+    p["layer"]["offset"] = np.ones(3, np.float32)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        pj.unit_masks(p, 0.25)
+
+
+def test_unit_masks_refuses_a_paired_bias_of_the_wrong_width():
+    p = {"Dense_0": {"kernel": np.ones((3, 4), np.float32), "bias": np.ones(5, np.float32)}}
+    with pytest.raises(ValueError, match=r"'Dense_0/bias'.*\(5,\).*4 output"):
+        pj.unit_masks(p, 0.5)
+
+
+@pytest.mark.parametrize("ord", ["2", True, None, 0, -1, float("nan")])
+def test_unit_masks_refuses_bad_ord(ord):
+    with pytest.raises((TypeError, ValueError), match="ord"):
+        pj.unit_masks({"w": np.ones((2, 2), np.float32)}, 0.5, ord=ord)
+
+
+def test_int64_beyond_int32_is_refused_when_ranking_runs_in_jax():
+    big = {"a": np.array([[2**40, 2**40 + 1], [3, 4]], np.int64)}
+    with pytest.raises(ValueError, match=r"'a' \(int64\).*beyond int32"):
+        jax.vmap(lambda s: pj.magnitude_masks(big, s)["a"])(jnp.array([0.25, 0.5]))
+    with pytest.raises(ValueError, match="'a'"):
+        pj.magnitude_masks({**big, "j": jnp.ones((2, 2))}, 0.5)
+    np.testing.assert_array_equal(pj.magnitude_masks(big, 0.25)["a"], [[True, True], [False, True]])
+    fits = {"a": np.array([[2**20, 2**20 + 1], [3, 4]], np.int64)}
+    m = jax.vmap(lambda s: pj.magnitude_masks(fits, s)["a"])(jnp.array([0.25, 0.5]))
+    np.testing.assert_array_equal(m[1], [[True, True], [False, False]])
+
+
+def test_threshold_masks_numpy_in_numpy_out_with_a_jax_quality():
+    w = np.array([[1.0, 0.1], [2.0, -3.0]], np.float32)
+    m = pj.threshold_masks({"k": w}, jnp.asarray(0.5))["k"]
+    assert isinstance(m, np.ndarray)
+    np.testing.assert_array_equal(m, np.abs(w) >= 0.5 * np.std(w))

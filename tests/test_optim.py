@@ -263,3 +263,53 @@ def test_pruning_bad_arguments():
     state = tx.init(params)
     with pytest.raises(ValueError, match="needs params"):
         tx.update(params, state)
+
+
+# ----------------------------------------------------------------------------- update shapes
+
+
+def _small():
+    params = {"w": jnp.zeros((8, 6), jnp.float32), "b": jnp.zeros((6,), jnp.float32)}
+    masks = {"w": np.arange(48).reshape(8, 6) % 2 == 0, "b": np.ones(6, bool)}
+    return params, masks
+
+
+@pytest.mark.parametrize("jit", [False, True])
+def test_masked_refuses_broadcastable_grads_naming_the_leaf(jit):
+    params, masks = _small()
+    tx = masked(optax.sgd(0.1), masks)
+    state = tx.init(params)
+    update = jax.jit(tx.update) if jit else tx.update
+    bad = {"w": jnp.ones((1, 6), jnp.float32), "b": jnp.ones((6,), jnp.float32)}
+    with pytest.raises(ValueError, match=r"'w'.*\(1, 6\).*\(8, 6\)"):
+        update(bad, state, params)
+    scalar = {"w": jnp.ones((), jnp.float32), "b": jnp.ones((6,), jnp.float32)}
+    with pytest.raises(ValueError, match="'w'"):
+        update(scalar, state)
+    with pytest.raises(ValueError, match="does not match the masks"):
+        update({"w": jnp.ones((8, 6), jnp.float32)}, state)
+    with pytest.raises(ValueError, match=r"params leaf 'b'"):
+        update(jax.tree_util.tree_map(jnp.ones_like, params), state, {**params, "b": params["w"]})
+    good, _ = update(jax.tree_util.tree_map(jnp.ones_like, params), state, params)
+    np.testing.assert_array_equal(np.asarray(good["w"]) != 0, masks["w"])
+
+
+def test_pruning_and_dst_refuse_mismatched_grads():
+    from prunejax.transforms import rigl
+
+    params, masks = _small()
+    bad = {"w": jnp.ones((1, 6), jnp.float32), "b": jnp.ones((6,), jnp.float32)}
+    for tx in (
+        pruning(
+            optax.sgd(0.1),
+            magnitude_masks,
+            polynomial_sparsity(0.0, 0.5, 0, 10),
+            begin_step=0,
+            end_step=10,
+            update_every=1,
+        ),
+        rigl(optax.sgd(0.1), 0.5, delta_t=2, t_end=10),
+    ):
+        state = tx.init(params)
+        with pytest.raises(ValueError, match=r"'w'.*\(1, 6\)"):
+            tx.update(bad, state, params)

@@ -86,3 +86,21 @@ def test_iterative_rounds():
         iterative_sparsity(3, per_round=0.2, final=0.9)
     with pytest.raises(ValueError):
         iterative_sparsity(3, per_round=1.2)
+
+
+@pytest.mark.parametrize("bad", ["0.5", b"0.5", True, False, np.bool_(True), None, 0.5j])
+def test_fractions_refuse_strings_bools_and_complex(bad):
+    for call in (
+        lambda: polynomial_sparsity(bad, 0.9, 0, 10),
+        lambda: polynomial_sparsity(0.0, bad, 0, 10),
+        lambda: polynomial_sparsity(0.0, 0.9, 0, 10, power=bad),
+        lambda: constant_sparsity(bad),
+        lambda: one_shot_sparsity(bad),
+    ):
+        with pytest.raises(TypeError):
+            call()
+    if bad is not None:  # None means "not given" for per_round and final
+        with pytest.raises(TypeError):
+            iterative_sparsity(3, per_round=bad)
+        with pytest.raises(TypeError):
+            iterative_sparsity(3, final=bad)

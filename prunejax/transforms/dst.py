@@ -54,6 +54,7 @@ from prunejax.masks import keep_lowest_k, random_masks
 from prunejax.transforms.masked import (
     as_bool_masks,
     check_inner,
+    check_like_masks,
     mask_state,
     updates_to_pruned_zero,
     zero_where_pruned,
@@ -183,7 +184,8 @@ def dynamic_sparse(
 
     Raises:
       ValueError/TypeError: bad arguments; at ``init``, masks that do not match the params;
-        ``update`` without ``params``.
+        ``update`` without ``params``, or with updates or params whose tree structure or leaf
+        shapes differ from the masks' (nothing is broadcast).
     """
     check_inner(inner)
     if grow not in ("random", "gradient"):
@@ -292,6 +294,8 @@ def _dst_update(
     ) -> tuple[PyTree, DSTState]:
         if params is None:
             raise ValueError("dynamic sparse training needs params in update (drop by |w|)")
+        check_like_masks(updates, state.masks, what="updates")
+        check_like_masks(params, state.masks, what="params")
         t = state.count
         due = (t > 0) & (t < t_end) & (t % delta_t == 0)
         step_key = jax.random.fold_in(state.key, t)

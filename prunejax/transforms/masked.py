@@ -18,9 +18,9 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from prunejax._util import PyTree, check_same_structure
+from prunejax._util import PyTree, check_same_structure, path_str
 
-__all__ = ["MaskedState", "masked", "mask_state"]
+__all__ = ["MaskedState", "masked", "mask_state", "check_like_masks"]
 
 
 def check_inner(inner: Any) -> None:
@@ -48,16 +48,56 @@ def as_bool_masks(masks: PyTree) -> PyTree:
     return jax.tree_util.tree_map(lambda m: jnp.asarray(m, jnp.bool_), masks)
 
 
-def zero_where_pruned(tree: PyTree, masks: PyTree) -> PyTree:
+def check_like_masks(tree: PyTree, masks: PyTree, *, what: str = "updates") -> None:
+    """Check that ``tree`` has the masks' tree structure and, leaf by leaf, their shapes.
+
+    Shapes are static, so this also runs (once, at trace time) under ``jax.jit``.  Without it a
+    gradient of shape ``(1, 6)`` would broadcast against an ``(8, 6)`` mask and come back
+    ``(8, 6)`` without complaint.
+
+    Args:
+      tree: a params-shaped tree (gradients, updates, params).
+      masks: boolean masks (True = kept).
+      what: the tree's name in error messages.
+
+    Raises:
+      ValueError: the structures differ, or a leaf's shape differs from its mask's (the message
+        names the leaf).
+    """
+    flat_m, def_m = jax.tree_util.tree_flatten_with_path(masks)
+    flat_t, def_t = jax.tree_util.tree_flatten_with_path(tree)
+    if def_t != def_m:
+        mpaths = [path_str(kp) for kp, _ in flat_m]
+        tpaths = [path_str(kp) for kp, _ in flat_t]
+        missing = [p for p in mpaths if p not in set(tpaths)][:5]
+        extra = [p for p in tpaths if p not in set(mpaths)][:5]
+        raise ValueError(
+            f"{what} tree does not match the masks tree (missing {missing}, unexpected "
+            f"{extra}; {def_t} vs {def_m})"
+        )
+    for (kp, x), (_, m) in zip(flat_t, flat_m, strict=True):
+        if np.shape(x) != np.shape(m):
+            raise ValueError(
+                f"{what} leaf {path_str(kp)!r} has shape {np.shape(x)} but its mask has "
+                f"{np.shape(m)}; shapes must match exactly (no broadcasting)"
+            )
+
+
+def zero_where_pruned(tree: PyTree, masks: PyTree, *, what: str = "updates") -> PyTree:
     """Zero a params-shaped tree (gradients, updates, a moment) at pruned entries.
 
     Args:
-      tree: a pytree with the masks' structure.
+      tree: a pytree with the masks' structure and shapes.
       masks: boolean masks (True = kept).
+      what: the tree's name in error messages.
 
     Returns:
       ``where(mask, x, 0)`` leaf by leaf.
+
+    Raises:
+      ValueError: ``tree`` does not match the masks (structure or a leaf's shape).
     """
+    check_like_masks(tree, masks, what=what)
     return jax.tree_util.tree_map(lambda x, m: jnp.where(m, x, jnp.zeros_like(x)), tree, masks)
 
 
@@ -72,7 +112,12 @@ def updates_to_pruned_zero(updates: PyTree, params: PyTree, masks: PyTree) -> Py
     Returns:
       ``updates`` at kept entries and ``-param`` at pruned ones, so that ``params + updates``
       is exactly zero there (``p + (-p) == 0`` in IEEE arithmetic).
+
+    Raises:
+      ValueError: ``updates`` or ``params`` does not match the masks.
     """
+    check_like_masks(updates, masks, what="updates")
+    check_like_masks(params, masks, what="params")
     return jax.tree_util.tree_map(
         lambda u, p, m: jnp.where(m, u, (jnp.zeros_like(p) - p).astype(u.dtype)),
         updates,
@@ -145,6 +190,8 @@ def masked(inner: optax.GradientTransformation, masks: PyTree) -> optax.Gradient
     Raises:
       ValueError/TypeError (at ``init``): the masks do not match the params leaf for leaf, or
         are not boolean.
+      ValueError (at ``update``, at trace time under ``jit``): the updates (or params) do not
+        have the masks' tree structure and exact leaf shapes; nothing is broadcast.
     """
     check_inner(inner)
     masks = jax.tree_util.tree_map(jnp.asarray, masks)
@@ -160,8 +207,10 @@ def masked(inner: optax.GradientTransformation, masks: PyTree) -> optax.Gradient
         # statistics that start at zero (Adam's moments, momentum traces) stay exactly zero
         # there without re-masking the state every step (which cost ~6% of a LeNet step).
         updates = zero_where_pruned(updates, masks)
+        if params is not None:
+            check_like_masks(params, masks, what="params")
         new_updates, inner_state = inner.update(updates, state.inner_state, params)
-        new_updates = zero_where_pruned(new_updates, masks)
+        new_updates = zero_where_pruned(new_updates, masks, what="inner optimizer's updates")
         return new_updates, MaskedState(inner_state)
 
     return optax.GradientTransformation(init_fn, update_fn)

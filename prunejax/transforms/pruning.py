@@ -19,6 +19,7 @@ from prunejax._util import PyTree, check_same_structure, find_state, is_int
 from prunejax.transforms.masked import (
     as_bool_masks,
     check_inner,
+    check_like_masks,
     mask_state,
     updates_to_pruned_zero,
     zero_where_pruned,
@@ -81,7 +82,9 @@ def pruning(
       An ``optax.GradientTransformation`` whose state is a :class:`PruningState`.
 
     Raises:
-      ValueError: bad step arguments; ``update`` called without ``params``.
+      ValueError: bad step arguments; ``update`` called without ``params``, or with updates or
+        params whose tree structure or leaf shapes differ from the masks' (nothing is
+        broadcast).
       TypeError: ``inner`` is not a ``GradientTransformation``; ``mask_fn`` or ``schedule`` is
         not callable.
     """
@@ -138,6 +141,8 @@ def _pruning_update(
     ) -> tuple[PyTree, PruningState]:
         if params is None:
             raise ValueError("pruning(...).update needs params (it rebuilds masks from them)")
+        check_like_masks(updates, state.masks, what="updates")
+        check_like_masks(params, state.masks, what="params")
         t = state.count
         due = (t >= begin_step) & (t <= end_step) & ((t - begin_step) % update_every == 0)
 
