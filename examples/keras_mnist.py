@@ -211,7 +211,7 @@ def measure(models: dict, x_test, y_test, out: Path, repeats: int) -> list:
         # prunejax's small file: the smallest encoding per leaf (sparse for the magnitude
         # model, compacted for the unit-pruned one)
         row.extra["prunejax file"] = prunejax.save(
-            Path(row.path).with_suffix(".prunejax.npz"),
+            Path(row.path).with_suffix(".prunejax.safetensors"),
             models[row.name].get_weights(),
             format="auto",
             activation=jax.nn.relu,
@@ -321,7 +321,7 @@ def main(argv: list[str] | None = None) -> dict:
     }
     rows = measure(models, x_test, mnist.y_test, out, args.repeats)
     result = write_results(out, args, rows, rounds, widths, time.perf_counter() - t_start)
-    log(f"wrote {out}/ (results.md, results.json, *.keras, *.prunejax.npz)")
+    log(f"wrote {out}/ (results.md, results.json, *.keras, *.prunejax.safetensors)")
     return result
 
 
