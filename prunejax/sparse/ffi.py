@@ -45,6 +45,7 @@ from __future__ import annotations
 import ctypes
 import hashlib
 import os
+import platform
 import shutil
 import subprocess
 import sys
@@ -61,20 +62,50 @@ import numpy as np
 from prunejax._util import cache_dir
 
 __all__ = [
+    "BASE_FLAGS",
     "CSR_TILED_FROM",
+    "ISA_FLAGS",
     "SOURCES",
     "available",
     "block_matmul",
     "build_error",
     "csr_matmul",
     "dense_rows_matmul",
+    "cpu_flags",
     "find_compiler",
+    "isa",
+    "isa_flags",
+    "machine_arch",
     "read_sources",
+    "requested_isa",
+    "supported_isas",
 ]
 
 # The C++ sources in prunejax/sparse/csrc (package data); the .cc files are compiled.
-SOURCES = ("kernels.h", "kernels.cc", "ffi_bindings.cc")
-_FLAGS = ("-O3", "-march=native", "-std=c++17", "-fPIC", "-shared", "-w")
+SOURCES = ("kernels.h", "simd.h", "kernels.cc", "ffi_bindings.cc")
+# Flags of every build; the target flags come from ISA_FLAGS.
+BASE_FLAGS = ("-O3", "-std=c++17", "-ffp-contract=fast")
+_LIB_FLAGS = ("-fPIC", "-shared", "-w")
+# PRUNEJAX_ISA value -> the target flags it compiles with, per machine architecture.
+ISA_FLAGS: dict[str, dict[str, tuple[str, ...]]] = {
+    "x86_64": {
+        "native": ("-march=native",),
+        "scalar": ("-march=x86-64", "-DPRUNEJAX_NO_SIMD"),
+        "sse2": ("-march=x86-64",),
+        "avx2": ("-march=x86-64-v3",),
+        "avx512": ("-march=x86-64-v4",),
+    },
+    "aarch64": {
+        "native": ("-march=native",),
+        "scalar": ("-march=armv8-a", "-DPRUNEJAX_NO_SIMD"),
+        "neon": ("-march=armv8-a",),
+    },
+}
+# The /proc/cpuinfo flags each forced x86-64 path needs (the x86-64-v3 / -v4 levels).
+_X86_NEEDS = {
+    "avx2": ("avx", "avx2", "bmi1", "bmi2", "f16c", "fma", "movbe", "xsave"),
+    "avx512": ("avx512f", "avx512bw", "avx512cd", "avx512dq", "avx512vl"),
+}
 _CSR_TARGET = "prunejax_csr_matmul_f32"
 _BLOCK_TARGET = "prunejax_block_matmul_f32"
 _ROWS_TARGET = "prunejax_dense_rows_matmul_f32"
@@ -113,26 +144,108 @@ def read_sources() -> dict[str, str]:
     return {name: csrc.joinpath(name).read_text(encoding="utf-8") for name in SOURCES}
 
 
+def machine_arch() -> str:
+    """This machine's architecture as ``ISA_FLAGS`` names it (``x86_64``, ``aarch64``, ...)."""
+    m = platform.machine().lower()
+    return {"amd64": "x86_64", "arm64": "aarch64"}.get(m, m)
+
+
+def cpu_flags() -> frozenset[str]:
+    """The CPU's feature flags (``/proc/cpuinfo``, x86 ``flags`` or ARM ``Features``).
+
+    Returns:
+      The flags, empty where the OS does not list them.
+    """
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            for line in f:
+                key = line.split(":", 1)[0].strip().lower()
+                if key in ("flags", "features"):
+                    return frozenset(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return frozenset()
+
+
+def supported_isas() -> dict[str, str | None]:
+    """Every ISA path of this architecture, with why this CPU cannot run it.
+
+    Returns:
+      ``{name: None}`` for a path the CPU executes, ``{name: reason}`` for one it lacks, over the
+      names of ``ISA_FLAGS[machine_arch()]`` (empty on an architecture without an entry).
+    """
+    names = ISA_FLAGS.get(machine_arch(), {})
+    flags = cpu_flags()
+    out: dict[str, str | None] = {}
+    for name in names:
+        missing = [f for f in _X86_NEEDS.get(name, ()) if f not in flags]
+        out[name] = f"CPU lacks {', '.join(missing)}" if missing else None
+    return out
+
+
+def requested_isa() -> str:
+    """The ISA path to build: ``$PRUNEJAX_ISA`` (default ``native``), checked.
+
+    Returns:
+      A name of ``ISA_FLAGS[machine_arch()]``.
+
+    Raises:
+      ValueError: ``PRUNEJAX_ISA`` names no path of this architecture, or one this CPU cannot
+        execute (running it would kill the process with an illegal instruction).
+    """
+    name = os.environ.get("PRUNEJAX_ISA", "").strip().lower() or "native"
+    paths = supported_isas()
+    if name not in paths and name != "native":
+        raise ValueError(
+            f"PRUNEJAX_ISA={name!r} is not an ISA path of {machine_arch()}: "
+            f"choose one of {sorted(paths) or ['native']}"
+        )
+    if paths.get(name):
+        raise ValueError(f"PRUNEJAX_ISA={name!r} cannot run here: {paths[name]}")
+    return name
+
+
+def isa_flags(name: str) -> tuple[str, ...]:
+    """The compiler flags of an ISA path: ``BASE_FLAGS`` plus its target flags.
+
+    Args:
+      name: ``native`` or a name of ``ISA_FLAGS[machine_arch()]``.
+
+    Returns:
+      The flags, the ones the kernels library and the C++ test driver are built with.
+    """
+    target = ISA_FLAGS.get(machine_arch(), {}).get(name)
+    if target is None:
+        if name != "native":
+            raise ValueError(f"no ISA path {name!r} on {machine_arch()}")
+        target = ("-march=native",)
+    return (*BASE_FLAGS, *target)
+
+
 def _build() -> Path:
-    """Compile the kernels (once per source/flags/headers) and return the shared library path."""
+    """Compile the kernels (once per source/flags/headers/CPU) and return the library path."""
     cxx = find_compiler()
     if cxx is None:
         raise RuntimeError("no C++ compiler found (set $CXX)")
+    name = requested_isa()
+    flags = (*isa_flags(name), *_LIB_FLAGS)
     sources = read_sources()
     include = jax.ffi.include_dir()
-    parts = [f"{name}\0{text}" for name, text in sources.items()]
+    parts = [f"{n}\0{text}" for n, text in sources.items()]
+    # -march=native builds differ per CPU: key them by its model and flags too.
+    cpu = " ".join(sorted(cpu_flags())) + platform.processor() if name == "native" else ""
     key = hashlib.sha256(
-        "\0".join([*parts, cxx, *_FLAGS, include, jax.__version__, sys.platform]).encode()
+        "\0".join([*parts, cxx, *flags, include, jax.__version__, sys.platform, cpu]).encode()
     ).hexdigest()[:16]
-    out = cache_dir(create=True) / f"prunejax_kernels_{key}.so"
+    out = cache_dir(create=True) / f"prunejax_kernels_{name}_{key}.so"
     if out.exists():
         return out
     with tempfile.TemporaryDirectory(dir=out.parent) as tmp:
-        for name, text in sources.items():
-            Path(tmp, name).write_text(text, encoding="utf-8")
+        for n, text in sources.items():
+            Path(tmp, n).write_text(text, encoding="utf-8")
         lib = os.path.join(tmp, "kernels.so")
-        units = [os.path.join(tmp, name) for name in sources if name.endswith(".cc")]
-        cmd = [cxx, *_FLAGS, f"-I{include}", *units, "-o", lib]
+        units = [os.path.join(tmp, n) for n in sources if n.endswith(".cc")]
+        cmd = [cxx, *flags, f"-I{include}", *units, "-o", lib]
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
         if proc.returncode != 0:
             raise RuntimeError(f"compiling the prunejax kernels failed:\n{proc.stderr[-2000:]}")
@@ -143,6 +256,8 @@ def _build() -> Path:
 def _load() -> None:
     """Build the library, load it and register its handlers as XLA FFI targets (CPU)."""
     lib = ctypes.cdll.LoadLibrary(str(_build()))
+    lib.prunejax_isa.restype = ctypes.c_char_p
+    _state["isa"] = lib.prunejax_isa().decode()
     for target, symbol in _TARGETS:
         jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(getattr(lib, symbol)), platform="cpu")
     _state["lib"] = lib
@@ -159,6 +274,7 @@ def available() -> bool:
         return False
     if _state["loaded"] is not None:
         return _state["loaded"]
+    requested_isa()  # a bad PRUNEJAX_ISA is the caller's error, not a missing compiler
     with _lock:
         if _state["loaded"] is None:
             try:
@@ -168,6 +284,16 @@ def available() -> bool:
                 _state["error"] = f"{type(e).__name__}: {e}"
                 _state["loaded"] = False
     return _state["loaded"]
+
+
+def isa() -> str | None:
+    """The vector path the loaded kernels run, as compiled (see ``csrc/simd.h``).
+
+    Returns:
+      ``"avx512"``, ``"avx2"``, ``"avx"``, ``"sse2"``, ``"neon"`` or ``"scalar"``; ``None`` when
+      the compiled kernels are unavailable (:func:`available` is false).
+    """
+    return _state.get("isa") if available() else None
 
 
 def build_error() -> str | None:
