@@ -351,6 +351,63 @@ inline void block_rows(const float* x, int64_t row_stride, int64_t ib_stride, co
     for (int v = 0; v < V; ++v) simd::store(y + r * n_out + col0 + L * v, acc[r][v]);
 }
 
+// acc[r][:] += x rows r of one block times the block, for R batch rows: xb holds the block's
+// R x bh slice of x contiguously (the re-laid-out x), acc R rows of BW floats.
+template <int BW, int R>
+inline void block_tile(const float* xb, int64_t bh, const float* blk, float* acc) {
+  constexpr int L = simd::kLanes;
+  constexpr int V = BW / L;
+  vf a[R][V];
+  for (int r = 0; r < R; ++r)
+    for (int v = 0; v < V; ++v) a[r][v] = simd::load(acc + r * BW + L * v);
+  for (int64_t k = 0; k < bh; ++k) {
+    vf w[V];
+    for (int v = 0; v < V; ++v) w[v] = simd::load(blk + k * BW + L * v);
+    for (int r = 0; r < R; ++r) {
+      const vf xs = simd::splat(xb[r * bh + k]);
+      for (int v = 0; v < V; ++v) a[r][v] = simd::madd(xs, w[v], a[r][v]);
+    }
+  }
+  for (int r = 0; r < R; ++r)
+    for (int v = 0; v < V; ++v) simd::store(acc + r * BW + L * v, a[r][v]);
+}
+
+template <int BW, int R>
+inline void block_tiles_from(int64_t b, int64_t batch, const float* xb, int64_t bh,
+                             const float* blk, float* acc) {
+  for (; b + R <= batch; b += R) block_tile<BW, R>(xb + b * bh, bh, blk, acc + b * BW);
+  if constexpr (R > 1) block_tiles_from<BW, R / 2>(b, batch, xb, bh, blk, acc);
+}
+
+// One block column for a re-laid-out x (xr[ib][b][k]): block by block, each block times the
+// whole batch (its block row of xr, batch * bh floats, read front to back), accumulated into
+// acc (batch x BW, in L1/L2) and then written to y.
+template <int BW, int R>
+void block_column_streamed(const float* xr, int64_t batch, int64_t bh, const int32_t* rowb,
+                           const float* blocks, int64_t p0, int64_t p1, float* acc, float* y,
+                           int64_t n_out, int64_t col0) {
+  std::fill(acc, acc + batch * BW, 0.f);
+  for (int64_t p = p0; p < p1; ++p)
+    block_tiles_from<BW, R>(0, batch, xr + int64_t(rowb[p]) * batch * bh, bh,
+                            blocks + p * bh * BW, acc);
+  for (int64_t b = 0; b < batch; ++b)
+    std::memcpy(y + b * n_out + col0, acc + b * BW, BW * sizeof(float));
+}
+
+// Batch rows [b, batch) of one block column: register blocks of R rows, the rest with R / 2, ...
+template <int BW, int R>
+inline void block_rows_from(int64_t b, int64_t batch, const float* xs, int64_t row_stride,
+                            int64_t ib_stride, const int32_t* rowb, const float* blocks,
+                            int64_t p0, int64_t p1, int64_t bh, float* y, int64_t n_out,
+                            int64_t col0) {
+  for (; b + R <= batch; b += R)
+    block_rows<BW, R>(xs + b * row_stride, row_stride, ib_stride, rowb, blocks, p0, p1, bh,
+                      y + b * n_out, n_out, col0);
+  if constexpr (R > 1)
+    block_rows_from<BW, R / 2>(b, batch, xs, row_stride, ib_stride, rowb, blocks, p0, p1, bh, y,
+                               n_out, col0);
+}
+
 // batch-1 block kernel: split the k loop over independent accumulators.
 template <int BW>
 inline void block_vec(const float* x, const int32_t* rowb, const float* blocks, int64_t p0,
@@ -390,11 +447,13 @@ void block_matmul_bw(Pool& pool, const float* x, const int32_t* colptr, const in
                      int64_t bh) {
   const int64_t ncb = n_out / BW;
   // R batch rows per register block: R * (BW / kLanes) accumulators (8 rows of one zmm on
-  // AVX-512, 4 rows of two ymm on AVX2, 4 rows of four q registers on NEON).
-  constexpr int R = simd::block_rows(BW / simd::kLanes, 8);
+  // AVX-512, 6 rows of two ymm on AVX2, 6 rows of four q registers on NEON).
+    constexpr int R = simd::block_rows(BW / simd::kLanes, 8);
   // For batches of 2R rows and more, x is re-laid out block row by block row,
-  // xr[ib][b][k] = x[b][ib * bh + k], so the R rows a block multiplies are one contiguous
-  // run (R * bh floats) instead of R cache lines n_in floats apart.
+  // xr[ib][b][k] = x[b][ib * bh + k], and each block column is computed block by block, every
+  // block times the whole batch (block_column_streamed): the block stays in L1 and its block
+  // row of xr is read front to back (prefetched), instead of R cache lines n_in floats apart
+  // per block and register block (measured 2-3x slower at batch 256: latency-bound).
   const int64_t nt = threads_for(pool, batch * (colptr[ncb] - colptr[0]) * bh * BW);
   const float* xs = x;
   int64_t row_stride = n_in, ib_stride = bh;
@@ -419,13 +478,15 @@ void block_matmul_bw(Pool& pool, const float* x, const int32_t* colptr, const in
         block_vec<BW>(x, rowb, blocks, p0, p1, bh, y, col0);
         continue;
       }
-      int64_t b = 0;
-      for (; b + R <= batch; b += R)
-        block_rows<BW, R>(xs + b * row_stride, row_stride, ib_stride, rowb, blocks, p0, p1, bh,
-                          y + b * n_out, n_out, col0);
-      for (; b < batch; ++b)
-        block_rows<BW, 1>(xs + b * row_stride, row_stride, ib_stride, rowb, blocks, p0, p1, bh,
-                          y + b * n_out, n_out, col0);
+      if (xr != nullptr) {
+        thread_local std::vector<float> acc;
+        if (acc.size() < size_t(batch * BW)) acc.resize(batch * BW);
+        block_column_streamed<BW, R>(xr, batch, bh, rowb, blocks, p0, p1, acc.data(), y, n_out,
+                                     col0);
+        continue;
+      }
+      block_rows_from<BW, R>(0, batch, xs, row_stride, ib_stride, rowb, blocks, p0, p1, bh, y,
+                             n_out, col0);
     }
   });
 }

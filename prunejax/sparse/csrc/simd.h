@@ -86,10 +86,11 @@ constexpr int pow2_floor(int n) {
 }
 
 // Rows of a register block whose per-row accumulators are `v` vectors, keeping `v` more vectors
-// (the loaded operand) and two spare registers live: a power of two in [1, cap].
+// (the loaded operand) and one broadcast register live: in [1, cap] (6 rows of 2 ymm on AVX2,
+// the 6x16 register block of BLIS's Haswell kernel).
 constexpr int block_rows(int v, int cap) {
-  const int fit = (kRegs - 2 - v) / v;
-  return fit < 1 ? 1 : (pow2_floor(fit) < cap ? pow2_floor(fit) : cap);
+  const int fit = (kRegs - 1 - v) / v;
+  return fit < 1 ? 1 : (fit < cap ? fit : cap);
 }
 
 }  // namespace simd
