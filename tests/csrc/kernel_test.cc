@@ -246,6 +246,7 @@ void run_all(Pools& pools) {
   const Shape block16[] = {{16, 16}, {48, 80}, {64, 4096}, {4096, 64}};
   for (const Shape& s : block16)
     for (double coverage : {0.1, 0.5, 1.0}) check_block(pools, s, 16, 16, coverage);
+  check_block(pools, {8192, 32}, 16, 16, 0.1);  // x re-laid out beyond 1 MiB at batch 37
   check_block(pools, {64, 96}, 16, 32, 0.5);
   check_block(pools, {96, 64}, 32, 32, 0.5);
   check_block(pools, {12, 10}, 4, 2, 0.5);  // generic block widths

@@ -450,10 +450,10 @@ void block_matmul_bw(Pool& pool, const float* x, const int32_t* colptr, const in
   // AVX-512, 6 rows of two ymm on AVX2, 6 rows of four q registers on NEON).
     constexpr int R = simd::block_rows(BW / simd::kLanes, 8);
   // For batches of 2R rows and more, x is re-laid out block row by block row,
-  // xr[ib][b][k] = x[b][ib * bh + k], and each block column is computed block by block, every
-  // block times the whole batch (block_column_streamed): the block stays in L1 and its block
-  // row of xr is read front to back (prefetched), instead of R cache lines n_in floats apart
-  // per block and register block (measured 2-3x slower at batch 256: latency-bound).
+  // xr[ib][b][k] = x[b][ib * bh + k], so the R rows a block multiplies are one contiguous run.
+  // When xr outgrows L2, each block column is computed block by block, every block times the
+  // whole batch (block_column_streamed): the block stays in L1 and its block row of xr is read
+  // front to back (prefetched) instead of as R-row pieces scattered over xr.
   const int64_t nt = threads_for(pool, batch * (colptr[ncb] - colptr[0]) * bh * BW);
   const float* xs = x;
   int64_t row_stride = n_in, ib_stride = bh;
@@ -469,6 +469,10 @@ void block_matmul_bw(Pool& pool, const float* x, const int32_t* colptr, const in
     row_stride = bh;
     ib_stride = batch * bh;
   }
+  // While the re-laid-out x fits in L2 (1 MiB), its R-row slices are read straight into
+  // register blocks that live across a whole block column; beyond, those reads miss to L3 and
+  // the column is streamed block by block (block_column_streamed).
+  const bool stream = xr != nullptr && batch * n_in * int64_t(sizeof(float)) > (int64_t(1) << 20);
   const int64_t per = nt == 1 ? ncb : std::max<int64_t>(1, ncb / (8 * nt));
   parallel_for(pool, (ncb + per - 1) / per, [&](int64_t c) {
     for (int64_t jb = c * per; jb < std::min(ncb, (c + 1) * per); ++jb) {
@@ -478,7 +482,7 @@ void block_matmul_bw(Pool& pool, const float* x, const int32_t* colptr, const in
         block_vec<BW>(x, rowb, blocks, p0, p1, bh, y, col0);
         continue;
       }
-      if (xr != nullptr) {
+      if (stream) {
         thread_local std::vector<float> acc;
         if (acc.size() < size_t(batch * BW)) acc.resize(batch * BW);
         block_column_streamed<BW, R>(xr, batch, bh, rowb, blocks, p0, p1, acc.data(), y, n_out,

@@ -62,7 +62,9 @@ inline vf load(const float* p) {
 
 inline void store(float* p, vf v) { std::memcpy(p, &v, sizeof v); }
 
-inline vf splat(float s) { return vf{} + s; }
+// Every lane s: one vbroadcastss / dup.  (s - 0 is s for every s, so the compiler drops the
+// subtraction; `vf{} + s` would keep an add, as 0 + -0 is +0.)
+inline vf splat(float s) { return s - vf{}; }
 
 inline vf zero() { return vf{}; }
 
