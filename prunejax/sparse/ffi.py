@@ -2,14 +2,28 @@
 
 The C++ sources ship with the package in ``prunejax/sparse/csrc``: ``kernels.h`` /
 ``kernels.cc`` hold the kernel cores (plain functions on raw pointers, given a thread pool),
-``ffi_bindings.cc`` the XLA FFI handlers that check the buffers and call them.  On first use they
-are compiled with the machine's C++ compiler (``$CXX`` or ``g++``/``c++``/``clang++``,
-``-O3 -march=native``) into prunejax's cache directory (``prunejax._util.cache_dir``:
-``$PRUNEJAX_CACHE_DIR``, else ``$XDG_CACHE_HOME/prunejax``, else ``~/.cache/prunejax``), keyed
-by a hash of the sources, the compiler, the flags and the JAX FFI headers, and registered as XLA
-FFI targets, so the kernels run inside ``jax.jit`` like any other op.  When no compiler is
-present, the build fails, or ``PRUNEJAX_DISABLE_FFI=1`` is set, :func:`available` returns
-``False`` and :mod:`prunejax.sparse` uses its pure-JAX paths instead.
+``simd.h`` the portable vector layer they are written in, ``ffi_bindings.cc`` the XLA FFI
+handlers that check the buffers and call them.  On first use they are compiled with the
+machine's C++ compiler (``$CXX`` or ``g++``/``c++``/``clang++``, ``-O3 -march=native`` by
+default) into prunejax's cache directory (``prunejax._util.cache_dir``: ``$PRUNEJAX_CACHE_DIR``,
+else ``$XDG_CACHE_HOME/prunejax``, else ``~/.cache/prunejax``), keyed by a hash of the sources,
+the compiler, the flags (so the ISA path), the CPU (for ``native``) and the JAX FFI headers, and
+registered as XLA FFI targets, so the kernels run inside ``jax.jit`` like any other op.  When no
+compiler is present, the build fails, or ``PRUNEJAX_DISABLE_FFI=1`` is set, :func:`available`
+returns ``False`` and :mod:`prunejax.sparse` uses its pure-JAX paths instead.
+
+ISA paths.  One source serves every CPU: the kernels are written once on a vector type whose
+width the compiler picks from the target (GCC/Clang vector extensions, ``csrc/simd.h``): 16
+floats in a zmm register on AVX-512, 8 in a ymm on AVX2+FMA, 4 in an xmm (SSE2) or an aarch64
+NEON q register, 1 on the scalar path; register blocks are sized to the register file (32 zmm,
+16 ymm, 32 q).  The kernels need only element-wise multiply-adds on full vectors, which the
+vector extensions lower to the native FMA of each ISA; Google Highway (``libhwy-dev``) would add a
+build dependency on every user's machine for no instruction these kernels lack, so it was not
+used.  ``$PRUNEJAX_ISA`` forces a path: ``native`` (default, ``-march=native``), ``scalar``
+(``-march=x86-64 -DPRUNEJAX_NO_SIMD``), ``sse2`` (``-march=x86-64``), ``avx2``
+(``-march=x86-64-v3``), ``avx512`` (``-march=x86-64-v4``); on aarch64 ``scalar`` and ``neon``
+(``-march=armv8-a``).  A path the CPU cannot execute is refused with a ``ValueError``
+(:func:`requested_isa`); :func:`isa` says which path the loaded library runs.
 
 Kernels (fp32, ``y = x @ W`` with ``x`` of shape ``(batch, in)``):
 
@@ -17,20 +31,22 @@ Kernels (fp32, ``y = x @ W`` with ``x`` of shape ``(batch, in)``):
   indices).  Batch < 8: one gather-dot per output and batch row (8 independent sums); bound by
   load issue (~1.5 cycles per nonzero) and by streaming the ~6 bytes per nonzero.  Batch >= 8:
   ``x`` is transposed into 64-byte aligned tiles of 16 (batch < 32) or 32 batch rows, so every
-  nonzero is one or two 16-wide FMAs on a contiguous row of the tile; bound by the L2 -> core
-  bandwidth of those random tile rows (~3.5 cycles per 64 bytes), with W streamed once per
-  tile from cache-sized chunks of rows.
+  loaded nonzero is multiplied into a whole tile row held in vector registers (1-2 zmm, 2-4
+  ymm, 4-8 q), several nonzeros in flight; bound by the L2 -> core bandwidth of those random
+  tile rows, with W streamed once per tile from cache-sized chunks of rows.
 * ``dense_rows``: a dense ``W`` stored transposed, ``(out, in)``, for batch 1: one contiguous
   dot product per output (each loaded ``W`` vector serves up to 4 batch rows), so ``W`` streams
   once front to back; bound by those 4 bytes per weight.  XLA's own batch-1 ``x @ W`` on an
   ``(in, out)`` kernel reaches ~25-35 GB/s here; this form is 1.1-1.3x faster on 4096-wide
   layers and ~3x on LeNet-sized ones (see ``benchmarks/results/RESULTS.md``).
 * ``block``: ``W`` stored as dense ``(bh, bw)`` blocks grouped by block column; each thread owns
-  whole block columns of ``y`` (no scatter).  For ``bw`` of 16/32 the block's rows sit in
-  AVX-512 registers and 8 batch rows are accumulated at once (dense inner loops: ~60-70% of
-  the dense matmul's FLOP rate at large batch; bound by streaming the block bytes at batch 1).
-  From batch 16 on, ``x`` is first re-laid out block row by block row so the rows one block
-  multiplies are contiguous.
+  whole block columns of ``y`` (no scatter).  For ``bw`` of 16/32 a block row sits in vector
+  registers and a register block of batch rows is accumulated at once (8 rows of one zmm on
+  AVX-512, 6 rows of two ymm on AVX2 -- BLIS's 6x16 Haswell block --, 6 rows of four q on NEON;
+  bound by streaming the block bytes at batch 1).  From two register blocks of rows on, ``x``
+  is first re-laid out block row by block row so the rows one block multiplies are contiguous;
+  once that copy outgrows L2 (1 MiB), each block multiplies the whole batch in turn, reading
+  its block row of ``x`` front to back, so the reads are prefetched instead of latency-bound.
 
 Work is split over XLA's own intra-op thread pool (FFI ``ThreadPool`` context), in dynamically
 assigned chunks, so the kernels use the cores XLA's dense matmul uses and never oversubscribe;
