@@ -1,4 +1,4 @@
-"""The machine a run measured: CPU model, cores, load, library versions, date."""
+"""The machine a run measured: CPU model, ISA path, cores, load, library versions, date."""
 
 from __future__ import annotations
 
@@ -21,6 +21,23 @@ def cpu_model() -> str:
     except OSError:
         pass
     return platform.processor() or ""
+
+
+def kernel_isa() -> dict:
+    """The vector path of prunejax's compiled kernels in this process, and what was asked for.
+
+    Returns:
+      ``{"isa": "avx512" | "avx2" | ... | None (no compiled kernels), "isa_requested":
+      $PRUNEJAX_ISA or "native", "cpu_isas": the paths this CPU executes}``.
+    """
+    from prunejax.sparse import ffi
+
+    paths = ffi.supported_isas()
+    return {
+        "isa": ffi.isa(),
+        "isa_requested": os.environ.get("PRUNEJAX_ISA", "") or "native",
+        "cpu_isas": [name for name, why in paths.items() if why is None and name != "native"],
+    }
 
 
 def loadavg() -> list[float] | None:
@@ -48,6 +65,7 @@ def machine_info() -> dict:
         "date_utc": _dt.datetime.now(_dt.UTC).strftime("%Y-%m-%d %H:%M UTC"),
         "loadavg_start": loadavg(),
         "bcoo_cusparse_lowering": bool(getattr(jax.config, "jax_bcoo_cusparse_lowering", False)),
+        **kernel_isa(),
     }
     try:
         import scipy

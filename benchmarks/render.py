@@ -74,6 +74,11 @@ def header_lines(info: dict) -> list[str]:
         f"- CPU: {info['cpu']}, {info['cores']} cores; backend `{info['backend']}` "
         f"({', '.join(sorted(set(info['devices'])))})"
     )
+    if "isa" in info:
+        L.append(
+            f"- Kernel ISA path: `{info['isa']}` (PRUNEJAX_ISA={info['isa_requested']}; "
+            f"this CPU runs {', '.join(info['cpu_isas']) or '?'})"
+        )
     L.append(
         f"- Versions: Python {info['python']}, JAX {info['jax']} (jaxlib {info['jaxlib']}), "
         f"NumPy {info['numpy']}, SciPy {info['scipy']}"

@@ -102,3 +102,6 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(PrunejaxBlockMatmul, BlockMatmulImpl,
                                   .Arg<ffi::Buffer<ffi::S32>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>());
+
+// The vector path this library was compiled for (prunejax.sparse.ffi.isa()).
+extern "C" const char* prunejax_isa() { return prunejax::isa_name(); }

@@ -2,15 +2,13 @@
 // block-sparse x @ W in fp32.  Plain functions on raw pointers; ffi_bindings.cc binds them to XLA.
 #include "kernels.h"
 
+#include "simd.h"
+
 #include <algorithm>
 #include <cstdint>
 #include <cstring>
 #include <functional>
 #include <vector>
-#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__)
-#include <immintrin.h>
-#define PJ_AVX512 1
-#endif
 #include <atomic>
 #include <cstdlib>
 #include <memory>
@@ -20,7 +18,12 @@
 #endif
 
 namespace prunejax {
+
+const char* isa_name() { return simd::kIsa; }
+
 namespace {
+
+using simd::vf;
 
 // Run fn(0..n-1) on the pool's threads plus the calling thread.  Chunks are handed out
 // dynamically, so a descheduled pool thread delays nothing: the caller finishes the work and
@@ -158,6 +161,11 @@ void csr_small(Pool& pool, const float* x, const int32_t* ptr, const I* idx, con
 template <int T, typename I>
 void csr_tiled(Pool& pool, const float* x, const int32_t* ptr, const I* idx, const float* val,
                float* y, int64_t batch, int64_t n_in, int64_t n_out) {
+  // V vectors per tile row; U nonzeros in flight, so U * V independent multiply-add chains
+  // (8 hide the FMA latency on the x86 and NEON cores) while U * V accumulators and the V
+  // loaded vectors fit the register file.
+  constexpr int V = T / simd::kLanes;
+  constexpr int U = simd::block_rows(V, 8 / V > 1 ? 8 / V : 1);
   const int64_t tiles = (batch + T - 1) / T;
   std::vector<float> fallback;
   float* xt = scratch(static_cast<size_t>(tiles * n_in * T));
@@ -202,38 +210,29 @@ void csr_tiled(Pool& pool, const float* x, const int32_t* ptr, const I* idx, con
       float* yt = y + t * T * n_out;
       for (int64_t j = cuts[p]; j < cuts[p + 1]; ++j) {
         const int64_t k0 = ptr[j], k1 = ptr[j + 1];
-#ifdef PJ_AVX512
-        constexpr int V = T / 16;
-        constexpr int U = 4;  // nonzeros in flight: U * V independent FMA chains
-        __m512 acc[U][V];
+        vf acc[U][V];
         for (int u = 0; u < U; ++u)
-          for (int v = 0; v < V; ++v) acc[u][v] = _mm512_setzero_ps();
+          for (int v = 0; v < V; ++v) acc[u][v] = simd::zero();
         int64_t k = k0;
         for (; k + U <= k1; k += U) {
           for (int u = 0; u < U; ++u) {
-            const __m512 s = _mm512_set1_ps(val[k + u]);
+            const vf s = simd::splat(val[k + u]);
             const float* row = xtt + int64_t(idx[k + u]) * T;
             for (int v = 0; v < V; ++v)
-              acc[u][v] = _mm512_fmadd_ps(s, _mm512_load_ps(row + 16 * v), acc[u][v]);
+              acc[u][v] = simd::madd(s, simd::load(row + simd::kLanes * v), acc[u][v]);
           }
         }
         for (; k < k1; ++k) {
-          const __m512 s = _mm512_set1_ps(val[k]);
+          const vf s = simd::splat(val[k]);
           const float* row = xtt + int64_t(idx[k]) * T;
           for (int v = 0; v < V; ++v)
-            acc[0][v] = _mm512_fmadd_ps(s, _mm512_load_ps(row + 16 * v), acc[0][v]);
+            acc[0][v] = simd::madd(s, simd::load(row + simd::kLanes * v), acc[0][v]);
         }
-        for (int v = 0; v < V; ++v)
-          _mm512_store_ps(out + 16 * v, _mm512_add_ps(_mm512_add_ps(acc[0][v], acc[1][v]),
-                                                      _mm512_add_ps(acc[2][v], acc[3][v])));
-#else
-        for (int l = 0; l < T; ++l) out[l] = 0.f;
-        for (int64_t k = k0; k < k1; ++k) {
-          const float v = val[k];
-          const float* xr = xtt + int64_t(idx[k]) * T;
-          for (int l = 0; l < T; ++l) out[l] += v * xr[l];
+        for (int v = 0; v < V; ++v) {
+          vf t = acc[0][v];
+          for (int u = 1; u < U; ++u) t += acc[u][v];
+          simd::store(out + simd::kLanes * v, t);
         }
-#endif
         for (int64_t l = 0; l < rows; ++l) yt[l * n_out + j] = out[l];
       }
     }
@@ -276,45 +275,30 @@ namespace {
 template <int R>
 inline void dense_rows_dot(const float* x, int64_t n_in, const float* w, float* y,
                            int64_t n_out) {
-#ifdef PJ_AVX512
-  constexpr int U = R == 1 ? 4 : 2;
-  __m512 acc[R][U];
+  constexpr int L = simd::kLanes;
+  constexpr int U = R == 1 ? 4 : 2;  // R * U accumulators, U loaded W vectors
+  vf acc[R][U];
   for (int r = 0; r < R; ++r)
-    for (int u = 0; u < U; ++u) acc[r][u] = _mm512_setzero_ps();
+    for (int u = 0; u < U; ++u) acc[r][u] = simd::zero();
   int64_t k = 0;
-  for (; k + 16 * U <= n_in; k += 16 * U)
+  for (; k + L * U <= n_in; k += L * U)
     for (int u = 0; u < U; ++u) {
-      const __m512 wv = _mm512_loadu_ps(w + k + 16 * u);
+      const vf wv = simd::load(w + k + L * u);
       for (int r = 0; r < R; ++r)
-        acc[r][u] = _mm512_fmadd_ps(_mm512_loadu_ps(x + r * n_in + k + 16 * u), wv, acc[r][u]);
+        acc[r][u] = simd::madd(simd::load(x + r * n_in + k + L * u), wv, acc[r][u]);
     }
-  for (; k + 16 <= n_in; k += 16) {
-    const __m512 wv = _mm512_loadu_ps(w + k);
+  for (; k + L <= n_in; k += L) {
+    const vf wv = simd::load(w + k);
     for (int r = 0; r < R; ++r)
-      acc[r][0] = _mm512_fmadd_ps(_mm512_loadu_ps(x + r * n_in + k), wv, acc[r][0]);
-  }
-  if (k < n_in) {
-    const __mmask16 m = static_cast<__mmask16>((1u << (n_in - k)) - 1u);
-    const __m512 wv = _mm512_maskz_loadu_ps(m, w + k);
-    for (int r = 0; r < R; ++r)
-      acc[r][0] = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(m, x + r * n_in + k), wv, acc[r][0]);
+      acc[r][0] = simd::madd(simd::load(x + r * n_in + k), wv, acc[r][0]);
   }
   for (int r = 0; r < R; ++r) {
-    __m512 t = acc[r][0];
-    for (int u = 1; u < U; ++u) t = _mm512_add_ps(t, acc[r][u]);
-    y[r * n_out] = _mm512_reduce_add_ps(t);
+    vf t = acc[r][0];
+    for (int u = 1; u < U; ++u) t += acc[r][u];
+    float tail = 0.f;
+    for (int64_t kk = k; kk < n_in; ++kk) tail += w[kk] * x[r * n_in + kk];
+    y[r * n_out] = simd::hsum(t) + tail;
   }
-#else
-  for (int r = 0; r < R; ++r) {
-    float a[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
-    const float* xr = x + r * n_in;
-    int64_t k = 0;
-    for (; k + 8 <= n_in; k += 8)
-      for (int u = 0; u < 8; ++u) a[u] += w[k + u] * xr[k + u];
-    for (; k < n_in; ++k) a[0] += w[k] * xr[k];
-    y[r * n_out] = ((a[0] + a[1]) + (a[2] + a[3])) + ((a[4] + a[5]) + (a[6] + a[7]));
-  }
-#endif
 }
 
 }  // namespace
@@ -346,74 +330,115 @@ template <int BW, int R>
 inline void block_rows(const float* x, int64_t row_stride, int64_t ib_stride, const int32_t* rowb,
                        const float* blocks, int64_t p0, int64_t p1, int64_t bh, float* y,
                        int64_t n_out, int64_t col0) {
-#ifdef PJ_AVX512
-  constexpr int V = BW / 16;
-  __m512 acc[R][V];
+  constexpr int L = simd::kLanes;
+  constexpr int V = BW / L;
+  vf acc[R][V];
   for (int r = 0; r < R; ++r)
-    for (int v = 0; v < V; ++v) acc[r][v] = _mm512_setzero_ps();
+    for (int v = 0; v < V; ++v) acc[r][v] = simd::zero();
   for (int64_t p = p0; p < p1; ++p) {
     const float* blk = blocks + p * bh * BW;
     const float* xb = x + int64_t(rowb[p]) * ib_stride;
     for (int64_t k = 0; k < bh; ++k) {
-      __m512 w[V];
-      for (int v = 0; v < V; ++v) w[v] = _mm512_loadu_ps(blk + k * BW + 16 * v);
+      vf w[V];
+      for (int v = 0; v < V; ++v) w[v] = simd::load(blk + k * BW + L * v);
       for (int r = 0; r < R; ++r) {
-        const __m512 xs = _mm512_set1_ps(xb[r * row_stride + k]);
-        for (int v = 0; v < V; ++v) acc[r][v] = _mm512_fmadd_ps(xs, w[v], acc[r][v]);
+        const vf xs = simd::splat(xb[r * row_stride + k]);
+        for (int v = 0; v < V; ++v) acc[r][v] = simd::madd(xs, w[v], acc[r][v]);
       }
     }
   }
   for (int r = 0; r < R; ++r)
-    for (int v = 0; v < V; ++v) _mm512_storeu_ps(y + r * n_out + col0 + 16 * v, acc[r][v]);
-#else
-  float acc[R][BW];
+    for (int v = 0; v < V; ++v) simd::store(y + r * n_out + col0 + L * v, acc[r][v]);
+}
+
+// acc[r][:] += x rows r of one block times the block, for R batch rows: xb holds the block's
+// R x bh slice of x contiguously (the re-laid-out x), acc R rows of BW floats.
+template <int BW, int R>
+inline void block_tile(const float* xb, int64_t bh, const float* blk, float* acc) {
+  constexpr int L = simd::kLanes;
+  constexpr int V = BW / L;
+  vf a[R][V];
   for (int r = 0; r < R; ++r)
-    for (int c = 0; c < BW; ++c) acc[r][c] = 0.f;
-  for (int64_t p = p0; p < p1; ++p) {
-    const float* blk = blocks + p * bh * BW;
-    const float* xb = x + int64_t(rowb[p]) * ib_stride;
-    for (int64_t k = 0; k < bh; ++k)
-      for (int r = 0; r < R; ++r) {
-        const float xs = xb[r * row_stride + k];
-        for (int c = 0; c < BW; ++c) acc[r][c] += xs * blk[k * BW + c];
-      }
+    for (int v = 0; v < V; ++v) a[r][v] = simd::load(acc + r * BW + L * v);
+  for (int64_t k = 0; k < bh; ++k) {
+    vf w[V];
+    for (int v = 0; v < V; ++v) w[v] = simd::load(blk + k * BW + L * v);
+    for (int r = 0; r < R; ++r) {
+      const vf xs = simd::splat(xb[r * bh + k]);
+      for (int v = 0; v < V; ++v) a[r][v] = simd::madd(xs, w[v], a[r][v]);
+    }
   }
   for (int r = 0; r < R; ++r)
-    for (int c = 0; c < BW; ++c) y[r * n_out + col0 + c] = acc[r][c];
-#endif
+    for (int v = 0; v < V; ++v) simd::store(acc + r * BW + L * v, a[r][v]);
+}
+
+template <int BW, int R>
+inline void block_tiles_from(int64_t b, int64_t batch, const float* xb, int64_t bh,
+                             const float* blk, float* acc) {
+  for (; b + R <= batch; b += R) block_tile<BW, R>(xb + b * bh, bh, blk, acc + b * BW);
+  if constexpr (R > 1) block_tiles_from<BW, R / 2>(b, batch, xb, bh, blk, acc);
+}
+
+// One block column for a re-laid-out x (xr[ib][b][k]): block by block, each block times the
+// whole batch (its block row of xr, batch * bh floats, read front to back), accumulated into
+// acc (batch x BW, in L1/L2) and then written to y.
+template <int BW, int R>
+void block_column_streamed(const float* xr, int64_t batch, int64_t bh, const int32_t* rowb,
+                           const float* blocks, int64_t p0, int64_t p1, float* acc, float* y,
+                           int64_t n_out, int64_t col0) {
+  std::fill(acc, acc + batch * BW, 0.f);
+  for (int64_t p = p0; p < p1; ++p)
+    block_tiles_from<BW, R>(0, batch, xr + int64_t(rowb[p]) * batch * bh, bh,
+                            blocks + p * bh * BW, acc);
+  for (int64_t b = 0; b < batch; ++b)
+    std::memcpy(y + b * n_out + col0, acc + b * BW, BW * sizeof(float));
+}
+
+// Batch rows [b, batch) of one block column: register blocks of R rows, the rest with R / 2, ...
+template <int BW, int R>
+inline void block_rows_from(int64_t b, int64_t batch, const float* xs, int64_t row_stride,
+                            int64_t ib_stride, const int32_t* rowb, const float* blocks,
+                            int64_t p0, int64_t p1, int64_t bh, float* y, int64_t n_out,
+                            int64_t col0) {
+  for (; b + R <= batch; b += R)
+    block_rows<BW, R>(xs + b * row_stride, row_stride, ib_stride, rowb, blocks, p0, p1, bh,
+                      y + b * n_out, n_out, col0);
+  if constexpr (R > 1)
+    block_rows_from<BW, R / 2>(b, batch, xs, row_stride, ib_stride, rowb, blocks, p0, p1, bh, y,
+                               n_out, col0);
 }
 
 // batch-1 block kernel: split the k loop over independent accumulators.
 template <int BW>
 inline void block_vec(const float* x, const int32_t* rowb, const float* blocks, int64_t p0,
                       int64_t p1, int64_t bh, float* y, int64_t col0) {
-#ifdef PJ_AVX512
-  constexpr int V = BW / 16;
-  __m512 acc[4][V];
-  for (int u = 0; u < 4; ++u)
-    for (int v = 0; v < V; ++v) acc[u][v] = _mm512_setzero_ps();
+  constexpr int L = simd::kLanes;
+  constexpr int V = BW / L;
+  constexpr int U = simd::block_rows(V, 4);  // independent k accumulators
+  vf acc[U][V];
+  for (int u = 0; u < U; ++u)
+    for (int v = 0; v < V; ++v) acc[u][v] = simd::zero();
   for (int64_t p = p0; p < p1; ++p) {
     const float* blk = blocks + p * bh * BW;
     const float* xb = x + int64_t(rowb[p]) * bh;
     int64_t k = 0;
-    for (; k + 4 <= bh; k += 4)
-      for (int u = 0; u < 4; ++u) {
-        const __m512 xs = _mm512_set1_ps(xb[k + u]);
+    for (; k + U <= bh; k += U)
+      for (int u = 0; u < U; ++u) {
+        const vf xs = simd::splat(xb[k + u]);
         for (int v = 0; v < V; ++v)
-          acc[u][v] = _mm512_fmadd_ps(xs, _mm512_loadu_ps(blk + (k + u) * BW + 16 * v), acc[u][v]);
+          acc[u][v] = simd::madd(xs, simd::load(blk + (k + u) * BW + L * v), acc[u][v]);
       }
     for (; k < bh; ++k) {
-      const __m512 xs = _mm512_set1_ps(xb[k]);
+      const vf xs = simd::splat(xb[k]);
       for (int v = 0; v < V; ++v)
-        acc[0][v] = _mm512_fmadd_ps(xs, _mm512_loadu_ps(blk + k * BW + 16 * v), acc[0][v]);
+        acc[0][v] = simd::madd(xs, simd::load(blk + k * BW + L * v), acc[0][v]);
     }
   }
-  for (int v = 0; v < V; ++v)
-    _mm512_storeu_ps(y + col0 + 16 * v, _mm512_add_ps(_mm512_add_ps(acc[0][v], acc[1][v]),
-                                                       _mm512_add_ps(acc[2][v], acc[3][v])));
-#else
-  block_rows<BW, 1>(x, 0, bh, rowb, blocks, p0, p1, bh, y, 0, col0);
-#endif
+  for (int v = 0; v < V; ++v) {
+    vf t = acc[0][v];
+    for (int u = 1; u < U; ++u) t += acc[u][v];
+    simd::store(y + col0 + L * v, t);
+  }
 }
 
 template <int BW>
@@ -421,10 +446,14 @@ void block_matmul_bw(Pool& pool, const float* x, const int32_t* colptr, const in
                      const float* blocks, float* y, int64_t batch, int64_t n_in, int64_t n_out,
                      int64_t bh) {
   const int64_t ncb = n_out / BW;
-  constexpr int R = 8;
+  // R batch rows per register block: R * (BW / kLanes) accumulators (8 rows of one zmm on
+  // AVX-512, 6 rows of two ymm on AVX2, 6 rows of four q registers on NEON).
+    constexpr int R = simd::block_rows(BW / simd::kLanes, 8);
   // For batches of 2R rows and more, x is re-laid out block row by block row,
-  // xr[ib][b][k] = x[b][ib * bh + k], so the R rows a block multiplies are one contiguous
-  // run (R * bh floats) instead of R cache lines n_in floats apart.
+  // xr[ib][b][k] = x[b][ib * bh + k], so the R rows a block multiplies are one contiguous run.
+  // When xr outgrows L2, each block column is computed block by block, every block times the
+  // whole batch (block_column_streamed): the block stays in L1 and its block row of xr is read
+  // front to back (prefetched) instead of as R-row pieces scattered over xr.
   const int64_t nt = threads_for(pool, batch * (colptr[ncb] - colptr[0]) * bh * BW);
   const float* xs = x;
   int64_t row_stride = n_in, ib_stride = bh;
@@ -440,6 +469,10 @@ void block_matmul_bw(Pool& pool, const float* x, const int32_t* colptr, const in
     row_stride = bh;
     ib_stride = batch * bh;
   }
+  // While the re-laid-out x fits in L2 (1 MiB), its R-row slices are read straight into
+  // register blocks that live across a whole block column; beyond, those reads miss to L3 and
+  // the column is streamed block by block (block_column_streamed).
+  const bool stream = xr != nullptr && batch * n_in * int64_t(sizeof(float)) > (int64_t(1) << 20);
   const int64_t per = nt == 1 ? ncb : std::max<int64_t>(1, ncb / (8 * nt));
   parallel_for(pool, (ncb + per - 1) / per, [&](int64_t c) {
     for (int64_t jb = c * per; jb < std::min(ncb, (c + 1) * per); ++jb) {
@@ -449,13 +482,15 @@ void block_matmul_bw(Pool& pool, const float* x, const int32_t* colptr, const in
         block_vec<BW>(x, rowb, blocks, p0, p1, bh, y, col0);
         continue;
       }
-      int64_t b = 0;
-      for (; b + R <= batch; b += R)
-        block_rows<BW, R>(xs + b * row_stride, row_stride, ib_stride, rowb, blocks, p0, p1, bh,
-                          y + b * n_out, n_out, col0);
-      for (; b < batch; ++b)
-        block_rows<BW, 1>(xs + b * row_stride, row_stride, ib_stride, rowb, blocks, p0, p1, bh,
-                          y + b * n_out, n_out, col0);
+      if (stream) {
+        thread_local std::vector<float> acc;
+        if (acc.size() < size_t(batch * BW)) acc.resize(batch * BW);
+        block_column_streamed<BW, R>(xr, batch, bh, rowb, blocks, p0, p1, acc.data(), y, n_out,
+                                     col0);
+        continue;
+      }
+      block_rows_from<BW, R>(0, batch, xs, row_stride, ib_stride, rowb, blocks, p0, p1, bh, y,
+                             n_out, col0);
     }
   });
 }

@@ -22,10 +22,14 @@ class Pool {
   virtual void schedule(std::function<void()> task) = 0;
 };
 
+// The vector path this build runs ("avx512", "avx2", "avx", "sse2", "neon" or "scalar"; see
+// simd.h), fixed when it was compiled.
+const char* isa_name();
+
 // W (n_in, n_out) stored as CSR of W.T: ptr (n_out + 1), idx (nnz) input indices in each row,
 // val (nnz).  batch < tiled_from: one gather-dot per output and batch row; from tiled_from on,
-// x transposed into tiles of 16 (batch < 32) or 32 batch rows, one or two 16-wide FMAs per
-// nonzero and tile.
+// x transposed into tiles of 16 (batch < 32) or 32 batch rows, each nonzero multiplied into a
+// whole tile row held in vector registers (16 / 32 floats: 1-2 zmm, 2-4 ymm, 4-8 NEON q).
 void csr_matmul(Pool& pool, const float* x, const int32_t* ptr, const uint16_t* idx,
                 const float* val, float* y, int64_t batch, int64_t n_in, int64_t n_out,
                 int64_t tiled_from);
@@ -35,6 +39,7 @@ void csr_matmul(Pool& pool, const float* x, const int32_t* ptr, const int32_t* i
 
 // Dense W stored transposed, wt (n_out, n_in) row-major: one contiguous dot product per output,
 // W streamed once front to back (each loaded W vector serves up to 4 batch rows).
+// batch may be 0 for every kernel (nothing is written).
 void dense_rows_matmul(Pool& pool, const float* x, const float* wt, float* y, int64_t batch,
                        int64_t n_in, int64_t n_out);
 
