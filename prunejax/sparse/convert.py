@@ -5,6 +5,7 @@
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import jax
@@ -233,18 +234,12 @@ def sparsify(
         if format == "auto" and jax.default_backend() == "gpu":
             out.append(auto_gpu(w, int(batch_size)))  # type: ignore[arg-type]
             continue
+        fmt = format
         if format == "auto":
-            b = int(batch_size)  # type: ignore[arg-type]
+            build = functools.partial(_to_format, w, path=p, block=block, nm=nm)
             fmt = auto_format(
-                w,
-                b,
-                block,
-                layer_kernel=p in layers,
-                tune=tune,
-                build=lambda f, w=w, p=p: _to_format(w, f, p, block, nm),
-            )
-        else:
-            fmt = format
+                w, int(batch_size), block, layer_kernel=p in layers, tune=tune, build=build
+            )  # type: ignore[arg-type]
         out.append(_to_format(w, fmt, p, block, nm))
     return jax.tree_util.tree_unflatten(treedef, out)
 
