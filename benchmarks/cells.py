@@ -33,6 +33,8 @@ PJ_GRANULARITIES: dict[str, set[str] | None] = {
     "bcoo": {"unstructured", "2:4"},
     "bcsr": {"unstructured"},
     "ell": {"unstructured", "2:4"},
+    # The Pallas block kernel is a GPU kernel (on CPU its pure-JAX fallback): benchmarks.gpu.
+    "pallas_block": {"block16"} if jax.default_backend() == "gpu" else set(),
 }
 # The prunejax.sparse formats timed as ``pj.<name>`` (``dense`` is the baseline itself).
 PJ_NAMES = [n for n in PJ_FORMATS if n != "dense"]
