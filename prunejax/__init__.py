@@ -6,10 +6,13 @@ The pipeline, one module (or subpackage) per stage (docs/ARCHITECTURE.md)::
     (which     (fine-tune with the masks   (drop dead units;     (small files;
      weights)   held fixed, or re-masked)   sparse kernels)       bytes, FLOPs)
 
-Everything public in the core is re-exported here.  The MNIST application's names (``fit``,
-``evaluate``, ``load_mnist``, the pruning recipes, checkpoints) live in ``prunejax.apps.mnist``
-and are resolved on first use, so ``import prunejax`` loads neither TFDS, tqdm nor matplotlib.
-``prunejax.keras`` (optional, needs Keras 3) is not re-exported.
+The core's API is re-exported here; the kernel classes, tuning and GPU helpers stay in
+``prunejax.sparse``, the file-format constants in ``prunejax.fileformat``.  The MNIST
+application's names (``fit`` and its ``TrainConfig``, ``evaluate``, ``load_mnist``, the pruning
+recipes, checkpoints) live in ``prunejax.apps.mnist`` and are resolved on first use, so
+``import prunejax`` loads neither TFDS, tqdm nor matplotlib (``from prunejax import *`` does, as
+it takes every name of ``__all__``).  ``prunejax.keras`` (optional, needs Keras 3) is not
+re-exported.
 """
 
 from __future__ import annotations
@@ -96,6 +99,9 @@ _APP = {
     "iterative_pruning": "prunejax.apps.mnist.recipe",
     "evaluate": "prunejax.apps.mnist.train",
     "fit": "prunejax.apps.mnist.train",
+    "FitResult": "prunejax.apps.mnist.train",
+    "TrainConfig": "prunejax.apps.mnist.train",
+    "RoundResult": "prunejax.apps.mnist.recipe",
 }
 
 
@@ -118,6 +124,7 @@ __all__ = [
     "Compacted",
     "DenseLayer",
     "DSTState",
+    "FitResult",
     "FileFormatError",
     "LayerSize",
     "LotteryRound",
@@ -126,8 +133,10 @@ __all__ = [
     "MLP",
     "MovementState",
     "PruningState",
+    "RoundResult",
     "SizeReport",
     "SparsityReport",
+    "TrainConfig",
     "apply_masks",
     "batches",
     "block_masks",

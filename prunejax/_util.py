@@ -13,10 +13,12 @@ for the third array of a Keras list.  Error messages always name the path.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import math
 import os
 import re
+import socket
 import stat
 import tempfile
 from collections.abc import Callable, Iterator, Mapping
@@ -167,8 +169,9 @@ def check_finite(path: str, leaf: Any) -> None:
 
 
 def _reject_non_numeric(value: Any, name: str, where: str) -> None:
-    """``TypeError`` for strings, bytes and booleans, which ``float()`` would quietly accept."""
-    if isinstance(value, str | bytes | bool | np.bool_) or (
+    """``TypeError`` for strings, bytes, booleans and complex numbers, which ``float()`` would
+    quietly accept (or truncate with only a warning)."""
+    if isinstance(value, str | bytes | bool | np.bool_ | complex | np.complexfloating) or (
         isinstance(value, np.ndarray | jax.Array) and np.dtype(value.dtype).kind in "bSUOc"
     ):
         raise TypeError(
@@ -539,11 +542,30 @@ def check_block(block: Any) -> tuple[int, int]:
 _TMP_TAG = ".pjtmp"
 
 
+# PIDs mean something only on the host that wrote them (a directory may be shared by hosts or
+# containers): the tag carries a short hash of the host name, and only this host's are judged.
+_HOST = hashlib.sha256(socket.gethostname().encode()).hexdigest()[:8]
+
+
 def _tmp_pattern(path: Path, suffix: str) -> re.Pattern:
-    """The names of ``atomic_path``'s temporary files for ``path`` (group 1: the writer's PID)."""
+    """The names of ``atomic_path``'s temporary files for ``path`` (group 1: the writer's host
+    tag, group 2: its PID)."""
     return re.compile(
-        rf"\.{re.escape(path.name)}{re.escape(_TMP_TAG)}(\d+)\.[A-Za-z0-9_]+{re.escape(suffix)}"
+        rf"\.{re.escape(path.name)}{re.escape(_TMP_TAG)}([0-9a-f]{{8}})-(\d+)\."
+        rf"[A-Za-z0-9_]+{re.escape(suffix)}"
     )
+
+
+def _umask() -> int:
+    """The process's umask, read without changing it where ``/proc`` allows (``os.umask`` sets
+    it, briefly, for every thread)."""
+    with contextlib.suppress(OSError, ValueError):
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    umask = os.umask(0o022)
+    os.umask(umask)
+    return umask
 
 
 def _pid_alive(pid: int) -> bool:
@@ -561,9 +583,10 @@ def _pid_alive(pid: int) -> bool:
 def remove_stale_temps(path: str | os.PathLike, *, suffix: str = ".tmp") -> list[Path]:
     """Remove the temporary files a killed ``atomic_path`` writer left beside ``path``.
 
-    A temporary file is named ``.<name>.pjtmp<pid>.<random><suffix>``; it is removed only if it is
-    a regular file (not a link) and no process with that PID is alive on this machine.  Files of
-    live writers, and names that do not match, are left alone.
+    A temporary file is named ``.<name>.pjtmp<host>-<pid>.<random><suffix>``; it is removed only
+    if it is a regular file (not a link), was written on this host (``<host>``: a hash of the host
+    name) and no process with that PID is alive here.  Files of live writers, of other hosts
+    sharing the directory, and names that do not match, are left alone.
 
     Args:
       path: the destination whose stale temporary files are removed.
@@ -581,7 +604,7 @@ def remove_stale_temps(path: str | os.PathLike, *, suffix: str = ".tmp") -> list
         return removed
     for name in names:
         m = pattern.fullmatch(name)
-        if m is None or _pid_alive(int(m.group(1))):
+        if m is None or m.group(1) != _HOST or _pid_alive(int(m.group(2))):
             continue
         tmp = path.parent / name
         with contextlib.suppress(OSError):
@@ -596,12 +619,14 @@ def atomic_path(path: str | os.PathLike, *, suffix: str = ".tmp") -> Iterator[Pa
     """Write a file atomically: yield a temporary path beside ``path``, then rename it into place.
 
     The caller writes the whole file to the yielded path.  On success the file is flushed to
-    disk (``fsync``), given the permissions a plain ``open`` would give (``0o666 & ~umask``;
-    ``mkstemp`` makes files private) and renamed over ``path`` with ``os.replace``, so readers see
+    disk (``fsync``), given the permissions of the file it replaces (a new file:
+    ``0o666 & ~umask``, as a plain ``open`` would; ``mkstemp`` makes files private) and renamed
+    over ``path`` with ``os.replace``, so readers see
     either the old file or the complete new one, never a partial write.  On any exception the
     temporary file is removed and the exception propagates.  The temporary name carries the
-    writer's PID (``.<name>.pjtmp<pid>.<random><suffix>``): temporary files left by a writer that
-    was killed (its PID no longer alive) are removed at the next write to the same ``path``
+    writer's host and PID (``.<name>.pjtmp<host>-<pid>.<random><suffix>``): temporary files left
+    by a writer on this host that was killed (its PID no longer alive) are removed at the next
+    write to the same ``path``
     (:func:`remove_stale_temps`).
 
     Args:
@@ -615,16 +640,18 @@ def atomic_path(path: str | os.PathLike, *, suffix: str = ".tmp") -> Iterator[Pa
     path.parent.mkdir(parents=True, exist_ok=True)
     remove_stale_temps(path, suffix=suffix)
     fd, tmp = tempfile.mkstemp(
-        dir=path.parent, prefix=f".{path.name}{_TMP_TAG}{os.getpid()}.", suffix=suffix
+        dir=path.parent, prefix=f".{path.name}{_TMP_TAG}{_HOST}-{os.getpid()}.", suffix=suffix
     )
     os.close(fd)
     try:
         yield Path(tmp)
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)
+        try:
+            mode = stat.S_IMODE(os.stat(path).st_mode)
+        except FileNotFoundError:
+            mode = 0o666 & ~_umask()
+        os.chmod(tmp, mode)
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):

@@ -7,6 +7,7 @@ import io
 import json
 import os
 import signal
+import stat
 import subprocess
 import sys
 import zipfile
@@ -779,3 +780,27 @@ def test_legacy_archive_with_too_many_members_is_refused_before_listing(tmp_path
             z.writestr(zipfile.ZipInfo(f"{i}"), b"")
     with pytest.raises(FileFormatError, match="declares 100,001 members"):
         load(f)
+
+
+def test_temp_files_of_another_host_are_never_judged(tmp_path):
+    """A directory may be shared by hosts or containers: a PID only means something on the host
+    that wrote the temporary file, so another host's file is left alone even if that PID is dead
+    here; this host's file of a dead PID is removed."""
+    from prunejax import _util
+
+    other = "0" * 8 if _util._HOST != "0" * 8 else "1" * 8
+    dead = 2**22 + 12345  # above Linux's default pid_max: no such process
+    theirs = tmp_path / f".m.safetensors.pjtmp{other}-{dead}.abc.tmp"
+    ours = tmp_path / f".m.safetensors.pjtmp{_util._HOST}-{dead}.abc.tmp"
+    theirs.write_bytes(b"")
+    ours.write_bytes(b"")
+    save(tmp_path / "m.safetensors", make_mlp([6, 4], [0.5]))
+    assert theirs.exists() and not ours.exists()
+
+
+def test_rewriting_a_file_keeps_its_permissions(tmp_path):
+    f = tmp_path / "m.safetensors"
+    save(f, make_mlp([6, 4], [0.5]))
+    os.chmod(f, 0o600)
+    save(f, make_mlp([6, 4], [0.5]))
+    assert stat.S_IMODE(os.stat(f).st_mode) == 0o600

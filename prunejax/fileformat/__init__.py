@@ -90,8 +90,9 @@ compacted file loads compacted: pass ``load(old, expand=True)`` and ``format="co
 model's ``activation=`` to keep its record of removed units).
 
 File size: every member costs its payload and its header entry (name, dtype, shape and the two
-20-character offsets, plus a comma); the file adds 8 bytes, the metadata entry and up to 7 bytes
-of padding.  ``prunejax.report.size_report`` uses this model.
+20-character offsets, plus a comma); the file adds 8 bytes (the header length), the 2 bytes of
+the header's outer braces, the metadata entry and up to 7 bytes of padding.
+``prunejax.report.size_report`` uses this model.
 """
 
 from __future__ import annotations

@@ -145,7 +145,8 @@ def write(path: str | os.PathLike, header: Mapping, members: list[tuple[str, np.
       path: the destination; a temporary file beside it is renamed into place on success
         (``prunejax._util.atomic_path``), so no partial file ever has the final name.
       header: the prunejax header (no checksum).
-      members: ``(name, array)`` of every member, in header order, in storage dtypes.
+      members: ``(name, array)`` of every member, in storage dtypes (stored widest dtype first,
+        so each payload is aligned to its item size).
 
     Returns:
       The size of the written file in bytes.

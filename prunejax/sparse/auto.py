@@ -370,6 +370,14 @@ def tune_format(
         kernels = {"dense": jax.numpy.asarray(w), **{f: build(f) for f in cands}}
         rec = _measure(kernels, batch_size, w.shape[0])
         tuning.store_measurement(key, rec)
+    # A record may hold forms measured for another layer of the same key (e.g. ELL, whose
+    # padding depends on the column counts, not on nnz): choose among this layer's candidates.
+    keep = {"dense", *cands}
+    rec = {
+        **rec,
+        "times_us": {f: t for f, t in rec["times_us"].items() if f in keep},
+        "ratios": {f: r for f, r in rec["ratios"].items() if f in keep},
+    }
     return choose_measured(rec, layer_kernel=layer_kernel)
 
 

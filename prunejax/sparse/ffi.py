@@ -7,7 +7,8 @@ handlers that check the buffers and call them.  On first use they are compiled w
 machine's C++ compiler (``$CXX`` or ``g++``/``c++``/``clang++``, ``-O3 -march=native`` by
 default) into prunejax's cache directory (``prunejax._util.cache_dir``: ``$PRUNEJAX_CACHE_DIR``,
 else ``$XDG_CACHE_HOME/prunejax``, else ``~/.cache/prunejax``), keyed by a hash of the sources,
-the compiler, the flags (so the ISA path), the CPU (for ``native``) and the JAX FFI headers, and
+the compiler, the flags (so the ISA path), the CPU (for ``native``) and the JAX and jaxlib
+versions (the FFI headers come with them), and
 registered as XLA FFI targets, so the kernels run inside ``jax.jit`` like any other op.  When no
 compiler is present, the build fails, or ``PRUNEJAX_DISABLE_FFI=1`` is set, :func:`available`
 returns ``False`` and :mod:`prunejax.sparse` uses its pure-JAX paths instead.
@@ -138,6 +139,20 @@ _lock = threading.Lock()
 _state: dict[str, Any] = {"loaded": None, "error": None}
 
 
+def jaxlib_version() -> str:
+    """The installed jaxlib's version (the FFI headers and XLA's dense dot come from it).
+
+    Returns:
+      The version string, or ``"unknown"``.
+    """
+    try:
+        import jaxlib
+
+        return str(jaxlib.__version__)
+    except (ImportError, AttributeError):
+        return "unknown"
+
+
 def find_compiler() -> str | None:
     """The C++ compiler to build the kernels with: ``$CXX``, else ``g++``, ``c++``, ``clang++``.
 
@@ -251,7 +266,9 @@ def _build() -> Path:
     # -march=native builds differ per CPU: key them by its model and flags too.
     cpu = " ".join(sorted(cpu_flags())) + platform.processor() if name == "native" else ""
     key = hashlib.sha256(
-        "\0".join([*parts, cxx, *flags, include, jax.__version__, sys.platform, cpu]).encode()
+        "\0".join(
+            [*parts, cxx, *flags, include, jax.__version__, jaxlib_version(), sys.platform, cpu]
+        ).encode()
     ).hexdigest()[:16]
     out = cache_dir(create=True) / f"prunejax_kernels_{name}_{key}.so"
     if out.exists():

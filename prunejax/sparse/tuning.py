@@ -34,6 +34,7 @@ and measured again.  Every write is atomic (``prunejax._util.atomic_path``).
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import json
@@ -45,7 +46,7 @@ import sys
 import threading
 import time
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -188,6 +189,7 @@ def machine_key() -> dict[str, str]:
         "xla_flags": os.environ.get("XLA_FLAGS", ""),
         "backend": jax.default_backend(),
         "jax": jax.__version__,
+        "jaxlib": ffi.jaxlib_version(),
         "prunejax": __version__,
     }
 
@@ -566,8 +568,13 @@ def check_measurement(rec: Any) -> str | None:
     return None
 
 
-def _parse_store(text: str, where: str) -> dict[str, Any]:
-    """The valid content of a cache file; raises ValueError naming what is wrong."""
+def _parse_store(text: str, where: str, *, drop_bad: bool = False) -> dict[str, Any]:
+    """The valid content of a cache file; raises ValueError naming what is wrong.
+
+    With ``drop_bad``, an untrustworthy machine entry is dropped (with a RuntimeWarning naming
+    it) and the others are kept: one bad entry (another prunejax version's, say) does not wipe
+    the measurements of other machines and versions sharing the cache directory.
+    """
     try:
         data = json.loads(text)
     except (ValueError, RecursionError) as e:
@@ -576,13 +583,37 @@ def _parse_store(text: str, where: str) -> dict[str, Any]:
         raise ValueError(f"{where} is not a {_SCHEMA} file")
     if not isinstance(data.get("machines"), dict):
         raise ValueError(f"{where} has no machines mapping")
-    for mid, entry in data["machines"].items():
+    for mid, entry in list(data["machines"].items()):
         why = _check_entry(entry)
         if why is None and _key_id(entry["key"]) != mid:
             why = "its key does not hash to its name"
-        if why:
+        if why and not drop_bad:
             raise ValueError(f"{where}: machine entry {mid!r}: {why}")
+        if why:
+            del data["machines"][mid]
+            warnings.warn(
+                f"dropping machine entry {mid!r} of the prunejax tuning cache {where}, which "
+                f"cannot be trusted: {why}; measuring again where it is needed",
+                RuntimeWarning,
+                stacklevel=4,
+            )
     return data
+
+
+@contextlib.contextmanager
+def _file_lock(path: Path) -> Iterator[None]:
+    """An exclusive advisory lock on ``path`` (a no-op where ``fcntl`` is missing)."""
+    try:
+        import fcntl
+    except ImportError:  # not POSIX
+        yield
+        return
+    with open(path, "a") as f:
+        fcntl.flock(f.fileno(), fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f.fileno(), fcntl.LOCK_UN)
 
 
 def _empty() -> dict[str, Any]:
@@ -599,7 +630,7 @@ def _load_store() -> dict[str, Any]:
     except (OSError, UnicodeDecodeError) as e:
         text = f"unreadable: {e}"
     try:
-        return _parse_store(text, str(path))
+        return _parse_store(text, str(path), drop_bad=True)
     except ValueError as e:
         warnings.warn(
             f"ignoring the prunejax tuning cache, which cannot be trusted: {e}; measuring again",
@@ -620,8 +651,12 @@ def _update_store(
     calibration: dict[str, Any] | None = None,
     measurements: dict[str, Any] | None = None,
 ) -> None:
-    """Read the cache file again, add to this machine's entry and write it back atomically."""
-    with _lock:
+    """Read the cache file again, add to this machine's entry and write it back atomically.
+
+    The read-modify-write holds an advisory lock (``fcntl.flock`` on ``tuning.json.lock``), so
+    processes calibrating at the same time do not lose each other's entries.
+    """
+    with _lock, _file_lock(cache_dir(create=True) / (CACHE_NAME + ".lock")):
         store = _load_store()
         mid = _key_id(key)
         entry = store["machines"].setdefault(mid, {"key": key, "measurements": {}})

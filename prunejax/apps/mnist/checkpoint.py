@@ -41,7 +41,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import stat
 import struct
 from pathlib import Path
 from typing import Any
@@ -51,7 +50,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from prunejax._util import PyTree, atomic_write_bytes, path_str
+from prunejax._util import PyTree, atomic_write_bytes, path_str, read_regular_file
 
 __all__ = [
     "CheckpointError",
@@ -98,22 +97,6 @@ def save_checkpoint(path: str | os.PathLike, tree: PyTree, meta: dict | None = N
     )
     head = _MAGIC + struct.pack("<I", _VERSION) + body
     atomic_write_bytes(path, head + hashlib.sha256(head).digest())
-
-
-def _read_regular(path: Path) -> bytes:
-    """The bytes of ``path``, refusing anything but a regular file (a FIFO would block)."""
-    fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
-    try:
-        mode = os.fstat(fd).st_mode
-        if stat.S_ISDIR(mode):
-            raise CheckpointError(f"checkpoint {path} is a directory, not a file")
-        if not stat.S_ISREG(mode):
-            raise CheckpointError(f"checkpoint {path} is not a regular file")
-    except BaseException:
-        os.close(fd)
-        raise
-    with os.fdopen(fd, "rb") as f:
-        return f.read()
 
 
 def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict:
@@ -178,7 +161,7 @@ def load_checkpoint(path: str | os.PathLike) -> tuple[dict, dict]:
         checkpoint, or of another format version.
     """
     path = Path(path)
-    body = _verified_body(path, _read_regular(path))
+    body = _verified_body(path, read_regular_file(path, error=CheckpointError, what="checkpoint"))
     try:
         payload = flax.serialization.msgpack_restore(body)
         if not isinstance(payload, dict) or set(payload) != {"meta", "state"}:
