@@ -2,8 +2,8 @@
 // ranks, then the handlers run the kernel cores of kernels.h. Shapes and index arrays (column
 // indices, row pointers, block coordinates) are trusted: they come from prunejax.sparse's
 // converters, which build them in range; a kernel object assembled by hand from other arrays is
-// outside that contract. The cores run on XLA's intra-op thread pool (the FFI ThreadPool context), so the kernels use the
-// cores XLA's dense matmul uses and never oversubscribe.
+// outside that contract. The cores run on XLA's intra-op thread pool (the FFI ThreadPool
+// context), so the kernels use the cores XLA's dense matmul uses and never oversubscribe.
 #include <cstdint>
 #include <functional>
 #include <utility>
