@@ -77,6 +77,7 @@ def test_machine_key_names_what_the_measurements_depend_on():
         "xla_flags",
         "backend",
         "jax",
+        "jaxlib",
         "prunejax",
     }
     assert key["jax"] == jax.__version__ and key["compiled"] == str(ffi.available())
@@ -431,3 +432,30 @@ def test_cache_lives_under_xdg_cache_home(cache, tmp_path, monkeypatch):
     tuning.clear_memo()
     tuning.constants()
     assert (tmp_path / "xdg" / "prunejax" / tuning.CACHE_NAME).is_file()
+
+
+def test_one_bad_entry_does_not_wipe_the_other_machines(cache):
+    """A cache directory may be shared by machines and prunejax versions: an untrustworthy entry
+    is dropped with a warning, and the other entries (ours, and another machine's) are kept."""
+    good = tuning.constants()
+    path = cache_file()
+    data = json.loads(path.read_text())
+    (mid,) = data["machines"]
+    other_key = {**data["machines"][mid]["key"], "cpu": "another cpu"}
+    data["machines"][tuning._key_id(other_key)] = {**data["machines"][mid], "key": other_key}
+    bad_key = {**other_key, "cpu": "a third cpu"}
+    bad = json.loads(json.dumps(data["machines"][mid]))
+    bad["key"] = bad_key
+    bad["calibration"]["constants"]["csr_gather_ns"] = -1.0
+    data["machines"][tuning._key_id(bad_key)] = bad
+    path.write_text(json.dumps(data))
+    tuning.clear_memo()
+    with pytest.warns(RuntimeWarning, match="cannot be trusted"):
+        assert tuning.constants() == good
+    assert len(cache) == 1  # our entry was valid: not measured again
+    tuning.store_measurement(
+        "1x1/nnz=1/block=16x16:None/batch=1/float32",
+        {"times_us": {"dense": 2.0}, "ratios": {}, "launch_us": 1.0, "rounds": 1},
+    )
+    kept = json.loads(path.read_text())["machines"]
+    assert set(kept) == {mid, tuning._key_id(other_key)}

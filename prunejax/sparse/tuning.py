@@ -601,19 +601,20 @@ def _parse_store(text: str, where: str, *, drop_bad: bool = False) -> dict[str, 
 
 
 @contextlib.contextmanager
-def _file_lock(path: Path) -> Iterator[None]:
-    """An exclusive advisory lock on ``path`` (a no-op where ``fcntl`` is missing)."""
+def _dir_lock(path: Path) -> Iterator[None]:
+    """An exclusive advisory lock on the directory ``path`` (``flock`` on its descriptor, so no
+    lock file is left behind; a no-op where ``fcntl`` is missing)."""
     try:
         import fcntl
     except ImportError:  # not POSIX
         yield
         return
-    with open(path, "a") as f:
-        fcntl.flock(f.fileno(), fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(f.fileno(), fcntl.LOCK_UN)
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # releases the lock
 
 
 def _empty() -> dict[str, Any]:
@@ -653,10 +654,10 @@ def _update_store(
 ) -> None:
     """Read the cache file again, add to this machine's entry and write it back atomically.
 
-    The read-modify-write holds an advisory lock (``fcntl.flock`` on ``tuning.json.lock``), so
+    The read-modify-write holds an advisory lock (``fcntl.flock`` on the cache directory), so
     processes calibrating at the same time do not lose each other's entries.
     """
-    with _lock, _file_lock(cache_dir(create=True) / (CACHE_NAME + ".lock")):
+    with _lock, _dir_lock(cache_dir(create=True)):
         store = _load_store()
         mid = _key_id(key)
         entry = store["machines"].setdefault(mid, {"key": key, "measurements": {}})
