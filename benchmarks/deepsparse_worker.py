@@ -231,8 +231,11 @@ class WorkerClient:
             if left <= 0 or not select.select([fd], [], [], left)[0]:
                 raise WorkerError(f"worker did not answer in {timeout:.0f} s")
             chunk = os.read(fd, 1 << 16)
-            if not chunk:
-                rc = self.proc.poll()
+            if not chunk:  # end of output: the worker is exiting; its status, when it has one
+                try:
+                    rc = self.proc.wait(5)
+                except subprocess.TimeoutExpired:
+                    rc = None
                 raise WorkerError(f"worker exited (rc {rc}): {self._stderr_tail()}")
             self._buf += chunk
         line, self._buf = self._buf.split(b"\n", 1)
