@@ -64,7 +64,7 @@ MAX_ENTRIES = {"pj.bcsr": 1_000_000}
 # ``jsp.bcsr`` (both: W^T as BCSR on the left).
 DUPLICATES = {"pj.bcoo": "jsp.bcoo", "jsp.bcsr": "pj.bcsr_t"}
 # At 0% sparsity on large kernels only these run (a sparse format then stores every entry).
-ZERO_SPARSITY_FORMATS = ("dense.aa", "dense_x_mask", "pj.auto", "pj.dense_t")
+ZERO_SPARSITY_FORMATS = ("dense.aa", "dense_x_mask", "pj.auto", "pj.dense_t", "onnxruntime")
 
 
 def matches(name: str, wanted: Sequence[str]) -> bool:
