@@ -300,7 +300,7 @@ def record_for(w, batch, block=(16, 16)):
         int(np.count_nonzero(w)),
         batch,
         block,
-        auto._block_nse(w, block),
+        auto.block_nse(w, block),
         "float32",
     )
     return tuning.lookup_measurement(key)
@@ -382,7 +382,7 @@ def test_tune_for_real_never_picks_what_it_measured_slower(cache, monkeypatch):
                 w.shape,
                 int(np.count_nonzero(w)),
                 batch,
-                block_nse=auto._block_nse(w, (16, 16)),
+                block_nse=auto.block_nse(w, (16, 16)),
                 measured=True,
             )
             assert table["dense"]["measured"] == rec["times_us"]["dense"]

@@ -25,7 +25,7 @@ import numpy as np
 
 from prunejax._util import KERNEL_NAMES, PyTree, dense_layers, last_key
 from prunejax.sparse import ffi, tuning
-from prunejax.sparse.kernels import DENSE_T_MAX_BATCH
+from prunejax.sparse.kernels import DENSE_T_MAX_BATCH, block_nse
 
 __all__ = [
     "TUNE_MARGIN",
@@ -191,15 +191,6 @@ def auto_format(
     return _auto_choice(w, batch_size, block, dense)
 
 
-def _block_nse(w: np.ndarray, block: tuple[int, int]) -> int | None:
-    bh, bw = block
-    r, c = w.shape
-    if r % bh or c % bw:
-        return None
-    keep = (w.reshape(r // bh, bh, c // bw, bw) != 0).any(axis=(1, 3))
-    return int(keep.sum()) * bh * bw
-
-
 def _auto_choice(
     w: np.ndarray, batch_size: int, block: tuple[int, int], dense: str = "dense"
 ) -> str:
@@ -207,7 +198,7 @@ def _auto_choice(
     c = tuning.constants()
     nz = w != 0
     ell_nse = int(nz.sum(axis=0).max(initial=0)) * w.shape[1]
-    bnse = _block_nse(w, block)
+    bnse = block_nse(w, block)
     t = predict_times(
         w.shape, int(nz.sum()), batch_size, block_nse=bnse, ell_nse=ell_nse, constants=c
     )
@@ -316,15 +307,13 @@ def _stored(w: np.ndarray, block: tuple[int, int]) -> dict[str, int]:
     nz = w != 0
     nnz = int(nz.sum())
     ell = int(nz.sum(axis=0).max(initial=0)) * w.shape[1]
-    return {"csr": nnz, "bcsr_t": nnz, "ell": ell, "block": _block_nse(w, block) or w.size}
+    return {"csr": nnz, "bcsr_t": nnz, "ell": ell, "block": block_nse(w, block) or w.size}
 
 
 def _candidates(w: np.ndarray, batch_size: int, block: tuple[int, int]) -> list[str]:
     """The forms ``tune`` measures: the model's candidates that store at most
     ``_AUTO_MAX_STORED`` of the dense entries, and ``"dense_t"`` at small batch."""
-    t = predict_times(
-        w.shape, 1, batch_size, block_nse=_block_nse(w, block), constants=tuning.PRIOR
-    )
+    t = predict_times(w.shape, 1, batch_size, block_nse=block_nse(w, block), constants=tuning.PRIOR)
     stored = _stored(w, block)
     out = [f for f in t if f != "dense" and stored[f] <= _AUTO_MAX_STORED * w.size]
     if batch_size <= DENSE_T_MAX_BATCH and ffi.available():
@@ -361,7 +350,7 @@ def tune_format(
     Returns:
       The chosen format.
     """
-    bnse = _block_nse(w, block)
+    bnse = block_nse(w, block)
     nnz = int(np.count_nonzero(w))
     key = measurement_key(w.shape, nnz, batch_size, block, bnse, str(w.dtype))
     cands = _candidates(w, batch_size, block)

@@ -36,7 +36,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.experimental import sparse as jsparse
 
-from prunejax.sparse.kernels import CsrKernel
+from prunejax.sparse.kernels import CsrKernel, block_nse
 
 __all__ = [
     "BLOCK_SIZES",
@@ -405,16 +405,6 @@ def is_nvidia(device_kind: str) -> bool:
     return any(k in kind for k in ("nvidia", "tesla", "geforce", "quadro", "rtx"))
 
 
-def _block_stored(w: np.ndarray, block: tuple[int, int]) -> int | None:
-    """Entries of the nonzero ``block``-shaped blocks of ``w`` (None: shape not divisible)."""
-    bh, bw = block
-    r, c = w.shape
-    if r % bh or c % bw:
-        return None
-    keep = (w.reshape(r // bh, bh, c // bw, bw) != 0).any(axis=(1, 3))
-    return int(keep.sum()) * bh * bw
-
-
 def gpu_candidates(
     kernel: Any,
     batch_size: int,
@@ -462,7 +452,7 @@ def gpu_candidates(
     if cusparse and density <= CUSPARSE_MAX_DENSITY:
         out["bcoo"] = {}
         out["bcsr_t"] = {}
-    stored = {s: _block_stored(w, (s, s)) for s in (64, 32, 16)}
+    stored = {s: block_nse(w, (s, s)) for s in (64, 32, 16)}
     stored = {s: n for s, n in stored.items() if n is not None}
     if stored and min(stored.values()) <= BLOCK_MAX_STORED * w.size:
         # the mask's own block size: the largest block storing no more than the smallest

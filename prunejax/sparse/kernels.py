@@ -24,6 +24,7 @@ from prunejax.sparse import ffi
 
 __all__ = [
     "DENSE_T_MAX_BATCH",
+    "block_nse",
     "BCSRKernel",
     "BlockKernel",
     "CsrKernel",
@@ -34,6 +35,24 @@ __all__ = [
 
 
 # ----------------------------------------------------------------------------- helpers
+
+
+def block_nse(w: np.ndarray, block: tuple[int, int]) -> int | None:
+    """Entries a block-sparse form of ``w`` stores: its nonzero ``block``-shaped blocks, whole.
+
+    Args:
+      w: a dense ``(in, out)`` kernel.
+      block: ``(bh, bw)``.
+
+    Returns:
+      The stored entries, or ``None`` when ``w``'s shape does not divide into blocks.
+    """
+    bh, bw = block
+    r, c = w.shape
+    if r % bh or c % bw:
+        return None
+    keep = (w.reshape(r // bh, bh, c // bw, bw) != 0).any(axis=(1, 3))
+    return int(keep.sum()) * bh * bw
 
 
 def _as_2d(x: Any, n_in: int) -> tuple[jax.Array, Callable[[jax.Array], jax.Array]]:
