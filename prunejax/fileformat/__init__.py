@@ -113,6 +113,7 @@ from prunejax.fileformat.errors import FileFormatError
 from prunejax.fileformat.header import header_members
 from prunejax.fileformat.plan import FORMATS, plan_tree
 from prunejax.fileformat.structure import rebuild_structure
+from prunejax.quantize import Quantized
 
 __all__ = [
     "DEFAULT_MIN_BYTES",
@@ -259,10 +260,18 @@ def check_budget(
             )
 
 
-def _as_kind(where: str, i: int, a: np.ndarray, meta: dict) -> object:
+def _as_kind(where: str, i: int, a: object, meta: dict) -> object:
     """A decoded leaf as the array kind it was saved as (JAX arrays keep their dtype or raise)."""
     if meta["array"] != "jax":
         return a
+    if isinstance(a, Quantized):
+        return Quantized(
+            codes=jnp.asarray(a.codes),
+            codebook=jnp.asarray(a.codebook),
+            mask=jnp.asarray(a.mask),
+            dtype=a.dtype,
+            kind=a.kind,
+        )
     out = jnp.asarray(a)
     if out.dtype != a.dtype:
         raise FileFormatError(
@@ -279,12 +288,31 @@ def _check_limit(value: int | None, name: str) -> None:
         raise TypeError(f"{name} must be a non-negative int or None, got {value!r}")
 
 
+def _decode_leaves(
+    where: str, header: dict, arrays: dict, version: int, quantized: bool
+) -> list[object]:
+    """Every leaf of a verified file, decoded (any failure is a ``FileFormatError``)."""
+    leaves = []
+    for i, leaf in enumerate(header["leaves"]):
+        members = {r: arrays[f"{i}.{r}"] for r in ROLES[leaf["encoding"]]}
+        try:
+            leaves.append(decode(leaf, members, i, version=version, quantized=quantized))
+        except (ValueError, TypeError, IndexError) as e:
+            if isinstance(e, FileFormatError):
+                raise FileFormatError(f"{where!r}: {e}") from None
+            raise FileFormatError(
+                f"{where!r}: corrupted file: leaf {i} ({leaf['path']!r}) cannot be decoded ({e})"
+            ) from None
+    return leaves
+
+
 def load(
     path: str | os.PathLike,
     *,
     expand: bool = False,
     max_bytes: int | None = None,
     max_elements: int | None = None,
+    quantized: bool = False,
 ) -> PyTree:
     """Load params saved by ``save`` (or a legacy version-1 ``.pjz``/``.npz`` ZIP file).
 
@@ -300,11 +328,15 @@ def load(
         limit.
       max_elements: the most entries the loaded params may hold in total (``None``: no limit
         besides ``max_bytes``).
+      quantized: give quantized leaves back as ``prunejax.quantize.Quantized`` (bit-exact codes,
+        codebook and mask) instead of their dequantized values.
 
     Returns:
       Dense params of the tree kind that was saved (dict / Flax FrozenDict / list / tuple), each
       leaf a JAX array if it was one when saved and a NumPy array otherwise, with the saved
-      dtypes.  They produce the same outputs as the saved (masked) params.
+      dtypes.  They produce the same outputs as the saved (masked) params; a quantized leaf
+      loads as ``prunejax.quantize.dequantize`` of it (exact centroids, exact zeros), or as the
+      ``Quantized`` leaf itself with ``quantized=True``.
 
     Raises:
       FileFormatError: (a ``ValueError``) not a regular file; a truncated, corrupted or
@@ -315,6 +347,8 @@ def load(
     """
     _check_limit(max_bytes, "max_bytes")
     _check_limit(max_elements, "max_elements")
+    if not isinstance(quantized, bool):
+        raise TypeError(f"quantized must be a bool, got {quantized!r}")
     where = os.fspath(path)
     header, arrays, size = _read(path)
     version = header["format_version"]
@@ -326,17 +360,7 @@ def load(
         max_elements=max_elements,
         file_size=size,
     )
-    leaves = []
-    for i, leaf in enumerate(header["leaves"]):
-        members = {r: arrays[f"{i}.{r}"] for r in ROLES[leaf["encoding"]]}
-        try:
-            leaves.append(decode(leaf, members, i, version=version))
-        except (ValueError, TypeError, IndexError) as e:
-            if isinstance(e, FileFormatError):
-                raise FileFormatError(f"{where!r}: {e}") from None
-            raise FileFormatError(
-                f"{where!r}: corrupted file: leaf {i} ({leaf['path']!r}) cannot be decoded ({e})"
-            ) from None
+    leaves = _decode_leaves(where, header, arrays, version, quantized)
     comp = header.get("compaction")
     if expand and comp is not None:
         kept = [arrays[f"kept.{j}"] for j in range(len(comp["layers"]))]
