@@ -247,3 +247,48 @@ def test_every_single_byte_change_of_a_blob_is_caught_or_harmless(qfile):
 def _xor(b, k):
     b[k] ^= 0x5A
     return b
+
+
+# ----------------------------------------------------------------------------- size_report
+
+
+@pytest.mark.parametrize("fmt", ("auto",) + QFORMATS)
+def test_size_report_predicts_quantized_files_to_the_byte(tmp_path, fmt):
+    params, masks = _mlp(seed=3)
+    q = pj.kmeans_quantize(params, {"Dense_0": 5, "Dense_1": 6}, masks=masks)
+    f = tmp_path / "q.safetensors"
+    n = save(f, q, format=fmt)
+    report = pj.size_report(q, path=f)
+    assert report.file_bytes == n
+    assert sum(report.breakdown.values()) == n
+    if fmt == "auto":
+        assert report.predicted_file_bytes["auto"] == n
+    temp = pj.size_report(q, format=fmt)
+    assert temp.file_bytes == n and temp.breakdown == report.breakdown
+    # each row: the kernel's parts and the bias; a codebook of 2**b float32 per kernel
+    rows = {r.name: r for r in report.layers}
+    assert rows["Dense_0"].parts["codebooks"] == 4 * 2**5
+    assert rows["Dense_1"].parts["codebooks"] == 4 * 2**6
+    assert rows["Dense_0"].parts["biases"] == 24 * 4
+    assert rows["Dense_0"].nnz == int(masks["Dense_0"]["kernel"].sum()) + 24
+    header = load_header(f)
+    blobs = {leaf["path"]: leaf["blob"] for leaf in header["leaves"] if "blob" in leaf}
+    r0 = rows["Dense_0"].parts
+    assert r0["values"] + r0["indices"] + r0["codebooks"] == blobs["Dense_0/kernel"]
+    assert "File bytes by part" in str(report)
+    assert report.to_dict()["file"]["breakdown"] == report.breakdown
+
+
+@pytest.mark.parametrize("fmt", ["dense", "bitmask", "csr", "bcoo", "auto", "compact"])
+def test_size_report_breakdown_sums_to_the_file_for_plain_formats(fmt):
+    params, masks = _mlp(seed=4)
+    report = pj.size_report(params, masks=masks, format=fmt, activation=jax.nn.relu)
+    assert sum(report.breakdown.values()) == report.file_bytes
+    assert report.breakdown["codebooks"] == 0
+    widths = [r.compact_shape[1] if fmt == "compact" else r.shape[1] for r in report.layers]
+    assert report.breakdown["biases"] == 4 * sum(widths)
+    if fmt == "compact":
+        assert sum(widths) < 24 + 10  # dead units and their biases are gone
+    if fmt == "dense":
+        assert report.breakdown["indices"] == 0
+        assert report.breakdown["values"] == 4 * (40 * 24 + 24 * 10)

@@ -7,6 +7,7 @@ compaction, the header, and the exact size of the file before it is written.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -142,6 +143,40 @@ class Plan:
     def nbytes(self) -> int:
         """Exact size of the file ``save`` writes for this plan."""
         return container.file_bytes(self.header, self.members())
+
+    def parts_per_leaf(self) -> list[dict[str, int]]:
+        """Each leaf's file bytes by part: ``values`` (weights or codes), ``indices`` (bitmask,
+        CSR/BCOO or relative indices), ``codebooks`` and ``header`` (its members' entries in the
+        safetensors header); they sum to ``bytes_per_leaf``."""
+        out = []
+        for i, (arr, enc, meta) in enumerate(
+            zip(self.leaves, self.encodings, self.header["leaves"], strict=True)
+        ):
+            members = leaf_members(i, enc, arr.shape, arr.dtype, meta["nnz"], blob=meta.get("blob"))
+            total = sum(container.member_bytes(n, sh, d) for n, sh, d in members)
+            if isinstance(arr, QuantLeaf):
+                parts = {
+                    "values": arr.parts["values"],
+                    "indices": arr.parts["indices"],
+                    "codebooks": arr.parts["codebook"],
+                }
+            else:
+                parts = {"values": 0, "indices": 0, "codebooks": 0}
+                for name, sh, d in members:
+                    role = name.rsplit(".", 1)[1]
+                    key = "values" if role in ("data", "values") else "indices"
+                    parts[key] += math.prod(sh) * np.dtype(d).itemsize
+            parts["header"] = total - sum(parts.values())
+            out.append(parts)
+        return out
+
+    def extra_bytes(self) -> dict[str, int]:
+        """File bytes outside the leaves' members, by part: ``indices`` (the payload of a
+        compacted file's ``kept`` unit indices) and ``header`` (everything else: the 8-byte
+        length, the safetensors header with the ``kept`` entries, the prunejax header and
+        checksum in its metadata, the padding)."""
+        kept = sum(k.nbytes for k in self.kept)
+        return {"indices": kept, "header": self.nbytes() - sum(self.bytes_per_leaf()) - kept}
 
 
 def _leaf_array(p: str, leaf: Any, mask: Any) -> np.ndarray:
