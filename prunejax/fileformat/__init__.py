@@ -8,7 +8,8 @@ Modules: ``container`` (the safetensors file, its JSON headers and checksum: wri
 counts), ``legacy`` (the hardened reader of version-1 ZIP files), ``encodings`` (per-leaf
 encode/decode), ``dtypes``, ``structure`` (the pytree as JSON), ``compaction`` (compacted files),
 ``header`` and ``plan`` (the encoding of every leaf and the exact file size before writing;
-``plan.leaf_bytes`` predicts one leaf).
+``plan.leaf_bytes`` predicts one leaf), ``quantized`` (the encodings of quantized leaves) and
+``entropy`` (canonical Huffman coding and relative indices).
 
 Encodings (per leaf; ``format=`` picks them, see ``save``):
 
@@ -24,6 +25,18 @@ Encodings (per leaf; ``format=`` picks them, see ``save``):
   ``n_batch = n_dense = 0``.
 * ``compact``: the whole MLP is first compacted (``prunejax.compact.compact``: dead units
   physically removed, constants folded into the next biases), then every leaf is dense.
+
+Quantized leaves (``prunejax.quantize.Quantized``: codes into a shared codebook, Han, Mao & Dally
+2016, "Deep Compression") are stored as codes and codebook in one ``uint8`` member ``blob``
+(layouts in ``prunejax.fileformat.quantized``): ``qdense`` (every entry kept), ``qbitmask``,
+``qrelative`` (relative indices of ``index_bits`` bits with an escape symbol for longer gaps,
+fixed-width codes) and ``qhuffman`` (the same relative indices and the codes, each canonically
+Huffman-coded, ``prunejax.fileformat.entropy``).  ``format="auto"`` picks the smallest per leaf
+(and the best ``index_bits``); ``format="qbitmask"``/``"qrelative"``/``"qhuffman"`` force one for
+the quantized leaves (others get their smallest plain encoding); any other format saves them
+dequantized.  A quantized leaf loads as its exact dequantized values (``codebook[codes]`` at kept
+entries, exact zeros elsewhere), or, with ``load(..., quantized=True)``, as the ``Quantized``
+leaf, bit-exact.
 
 Values: only finite weights are saved (``save`` refuses NaN and infinity, naming the leaf, so no
 NaN ever travels in a file and nothing is there to propagate).  The sparse encodings keep the
@@ -46,7 +59,8 @@ executed:
   is aligned to its item size (memory-mappable).
 
 Members: ``"<leaf index>.<role>"`` with roles ``data`` (dense), ``mask``/``values`` (bitmask),
-``indptr``/``indices``/``data`` (csr), ``indices``/``data`` (bcoo), plus ``kept.<layer>`` (the
+``indptr``/``indices``/``data`` (csr), ``indices``/``data`` (bcoo), ``blob`` (quantized
+encodings), plus ``kept.<layer>`` (the
 original indices of the units each layer keeps) in compacted files.  Payloads are stored in
 safetensors dtypes: ``bfloat16`` as its ``uint16`` bits (``U16``), complex values as pairs of
 reals (a trailing axis of 2: real, imaginary; ``F32`` for ``complex64``, ``F64`` for
@@ -56,7 +70,9 @@ The prunejax header is a JSON object with ``magic`` (``"prunejax"``), ``format_v
 (``2``), ``library_version``, ``format`` (the requested format), ``structure`` (the pytree, see
 below), ``leaves`` (one entry per leaf in ``jax.tree_util`` flatten order: ``path`` such as
 ``"Dense_0/kernel"``, ``encoding``, ``shape``, ``dtype`` name, ``array`` = ``"numpy"`` or
-``"jax"`` (the kind ``load`` gives back), ``nnz``) and ``compaction`` (``null``, or
+``"jax"`` (the kind ``load`` gives back), ``nnz``; a quantized leaf adds ``codebook`` (its
+size ``K``), ``kind``, ``index_bits`` and ``blob`` (the blob's bytes), and its ``nnz`` counts the
+kept entries) and ``compaction`` (``null``, or
 ``{"activation", "layers": [{"name", "kernel", "bias", "in", "out"}]}`` with leaf indices and the
 ORIGINAL layer widths).  ``structure`` is a JSON tree of nodes ``{"dict": [[key, node], ...]}``
 (keys are JSON strings or integers, one kind per dict), ``{"frozendict": [...]}`` (Flax
@@ -71,7 +87,10 @@ first: a FIFO, directory or device raises at once).  Before anything is decoded,
 is bounded, JSON is parsed with bounded size and nesting depth (measured before parsing) and
 duplicate keys are refused, the magic, version and checksum are verified, the safetensors offsets
 are validated by the safetensors library, and every member's shape and dtype must be what the
-prunejax header implies.  Declared shapes are then checked against ``max_bytes``/``max_elements``
+prunejax header implies.  A quantized blob is decoded with work bounded by its own length (every
+Huffman symbol consumes a bit; nothing is allocated beyond the declared leaf) and refused unless
+it decodes to exactly ``nnz`` kept entries inside the leaf, codes inside the codebook, finite
+centroids and zero padding.  Declared shapes are then checked against ``max_bytes``/``max_elements``
 (after ``expand``), so a small file cannot make ``load`` allocate more than the caller allows
 (default 64 MiB, or 256 times the file size for files over 256 KiB).  Index arrays are
 bounds-checked while decoding.  Every failure raises ``FileFormatError`` (a ``ValueError``)
@@ -146,11 +165,14 @@ def save(
         is added (``EXTENSION``, ``.safetensors``, is the conventional one).
       params: any pytree of arrays made of dicts, Flax ``FrozenDict``s, lists, tuples and
         ``None`` (Flax params, Keras ``get_weights()`` lists, ...).  Sparse kernel objects are
-        saved densified.  Pruned weights are exact zeros, or pass ``masks``.
+        saved densified, ``prunejax.quantize.Quantized`` leaves as codes and codebook.  Pruned
+        weights are exact zeros, or pass ``masks`` (not with quantized leaves, which hold theirs).
       format: ``"dense"``; ``"bitmask"``, ``"csr"`` or ``"bcoo"`` (for leaves with ``ndim >= 2``;
         other leaves are dense); ``"compact"`` (dead units removed, see ``prunejax.compact``;
         needs ``activation``); ``"auto"`` (alias ``"smallest"``): the smallest encoding per leaf,
-        after compaction when ``activation`` is given and params are an MLP.
+        after compaction when ``activation`` is given and params are an MLP without quantized
+        leaves; ``"qbitmask"``, ``"qrelative"``, ``"qhuffman"``: that encoding for quantized
+        leaves (see the module docstring; the other formats save them dequantized).
       masks: optional bool pytree of ``params``' structure (True = kept) applied before saving.
       activation: the model's nonlinearity between layers; required by ``"compact"`` and enables
         compaction in ``"auto"``.  There is no default: folding with a wrong activation would
