@@ -227,11 +227,19 @@ def _fixed_bits(values: np.ndarray, width: int) -> np.ndarray:
 
 
 def _read_fixed(bits: np.ndarray, start: int, count: int, width: int) -> np.ndarray:
-    end = start + count * width
-    if end > bits.size:
+    """``count`` unsigned values of ``width`` bits from bit ``start`` (``uint32``), in chunks."""
+    if start + count * width > bits.size:
         raise FileFormatError("a fixed-width stream ends early")
-    chunk = bits[start:end].astype(np.int64).reshape(count, width)
-    return chunk @ (1 << np.arange(width - 1, -1, -1)) if width else np.zeros(count, np.int64)
+    out = np.zeros(count, np.uint32)
+    if width == 0:
+        return out
+    weights = 1 << np.arange(width - 1, -1, -1, dtype=np.int64)
+    step = 2**16
+    for c in range(0, count, step):
+        n = min(step, count - c)
+        seg = bits[start + c * width : start + (c + n) * width].reshape(n, width)
+        out[c : c + n] = seg.astype(np.int64) @ weights
+    return out
 
 
 def encode_leaf(leaf: QuantLeaf) -> np.ndarray:
@@ -261,6 +269,26 @@ def encode_leaf(leaf: QuantLeaf) -> np.ndarray:
     return blob
 
 
+def _relative_fixed(bits: np.ndarray, ib: int, nnz: int, chunk: int = 2**16) -> np.ndarray:
+    """The fixed-width relative-index symbols up to the ``nnz``-th kept entry, read in chunks
+    (memory bounded by the stream and the chunk, whatever the header claims)."""
+    m = 2**ib - 1
+    out: list[np.ndarray] = []
+    start, seen = 0, 0
+    while seen < nnz:
+        count = min(chunk, (bits.size - start) // ib)
+        if count <= 0:
+            raise FileFormatError("the relative-index stream ends early")
+        syms = _read_fixed(bits, start, count, ib).astype(np.uint16)
+        kept = np.flatnonzero(syms != m)
+        if seen + kept.size >= nnz:
+            syms = syms[: int(kept[nnz - seen - 1]) + 1]
+        out.append(syms)
+        seen += min(kept.size, nnz - seen)
+        start += count * ib
+    return np.concatenate(out) if out else np.zeros(0, np.uint16)
+
+
 def _positions(enc: str, leaf: Mapping, rd: entropy.BitReader, tables: tuple, size: int):
     """Kept positions and the next bit of the stream."""
     nnz, ib = leaf["nnz"], leaf["index_bits"]
@@ -276,18 +304,11 @@ def _positions(enc: str, leaf: Mapping, rd: entropy.BitReader, tables: tuple, si
             raise FileFormatError(f"the bitmask does not hold {nnz} bits")
         return pos, size
     if enc == "qrelative":
-        m = 2**ib - 1
-        avail = rd.n // ib
-        syms = _read_fixed(rd.bits, 0, avail, ib)
-        kept = np.flatnonzero(syms != m)
-        if kept.size < nnz:
-            raise FileFormatError("the relative-index stream ends early")
-        n_sym = int(kept[nnz - 1]) + 1 if nnz else 0
-        syms = syms[:n_sym]
+        syms = _relative_fixed(rd.bits, ib, nnz)
+        return entropy.relative_positions(syms, ib, size=size), syms.size * ib
     else:
         syms, end = entropy.decode(rd, 0, tables[0], count=nnz, stop=2**ib - 1)
         return entropy.relative_positions(syms, ib, size=size), end
-    return entropy.relative_positions(syms, ib, size=size), n_sym * ib
 
 
 def _check_entry(leaf: Mapping) -> tuple[int, int, int]:
@@ -369,11 +390,11 @@ def _decode(leaf: Mapping, blob: np.ndarray) -> Quantized:
         raise FileFormatError("a code points past the codebook")
     if entropy.bits_to_bytes(p) != rd.n // 8 or rd.bits[p:].any():
         raise FileFormatError("the bit stream has trailing data")
-    full = np.zeros(size, np.int64)
+    full = np.zeros(size, np.uint8 if k <= 256 else np.uint16)
     mask = np.zeros(size, bool)
     full[pos], mask[pos] = codes, True
     return Quantized(
-        codes=full.astype(np.uint8 if k <= 256 else np.uint16).reshape(shape),
+        codes=full.reshape(shape),
         codebook=codebook,
         mask=mask.reshape(shape),
         dtype=leaf["dtype"],
