@@ -25,6 +25,7 @@ from prunejax.fileformat.dtypes import (
 )
 from prunejax.fileformat.errors import FileFormatError
 from prunejax.fileformat.quantized import QUANT_ENCODINGS, decode_leaf, encode_leaf
+from prunejax.fileformat.relative import decode_relative, encode_relative
 from prunejax.quantize import dequantize_leaf
 
 __all__ = [
@@ -39,14 +40,17 @@ __all__ = [
 
 #: The per-leaf encodings of plain arrays.
 ENCODINGS = ("dense", "bitmask", "csr", "bcoo")
-#: Every per-leaf encoding, those of quantized leaves (``prunejax.fileformat.quantized``) included.
-ALL_ENCODINGS = ENCODINGS + QUANT_ENCODINGS
+#: Every per-leaf encoding: also ``relative`` (``prunejax.fileformat.relative``, whose size
+#: depends on the positions, not only on their count) and those of quantized leaves
+#: (``prunejax.fileformat.quantized``).
+ALL_ENCODINGS = ENCODINGS + ("relative",) + QUANT_ENCODINGS
 #: The member arrays of each encoding, in file order.
 ROLES = {
     "dense": ("data",),
     "bitmask": ("mask", "values"),
     "csr": ("indptr", "indices", "data"),
     "bcoo": ("indices", "data"),
+    "relative": ("indices", "data"),
     **{e: ("blob",) for e in QUANT_ENCODINGS},
 }
 
@@ -82,7 +86,8 @@ def leaf_members(
       encoding: one of ``ENCODINGS``.
       shape, dtype, nnz: the leaf's shape, dtype and number of nonzero (kept) entries.
       version: the file format version (it decides how complex payloads are stored).
-      blob: the bytes of a quantized leaf's blob (required by the quantized encodings).
+      blob: the bytes of a quantized leaf's blob, or of a ``relative`` leaf's ``indices``
+        (required by those encodings).
 
     Returns:
       One triple per role of ``ROLES[encoding]``, in order.
@@ -114,6 +119,13 @@ def leaf_members(
             (f"{index}.indices", (nnz,), index_dtype(max(cols - 1, 0))),
             (f"{index}.data", payload(nnz), sd),
         ]
+    if encoding == "relative":
+        if blob is None:
+            raise ValueError("encoding 'relative' needs the size of its indices")
+        return [
+            (f"{index}.indices", (int(blob),), np.dtype(np.uint8)),
+            (f"{index}.data", payload(nnz), sd),
+        ]
     if encoding == "bcoo":
         return [
             (
@@ -126,12 +138,13 @@ def leaf_members(
     raise ValueError(f"unknown encoding {encoding!r}; expected one of {ALL_ENCODINGS}")
 
 
-def encode(encoding: str, arr: Any) -> list[np.ndarray]:
+def encode(encoding: str, arr: Any, *, index_bits: int | None = None) -> list[np.ndarray]:
     """The member arrays of one leaf (format version 2).
 
     Args:
-      encoding: one of ``ENCODINGS``.
+      encoding: one of ``ALL_ENCODINGS``.
       arr: the dense leaf (NumPy), or the planned ``QuantLeaf`` of a quantized encoding.
+      index_bits: the relative-index width of a ``relative`` leaf.
 
     Returns:
       The arrays of ``ROLES[encoding]``, in order, in their storage dtypes and shapes.
@@ -156,6 +169,8 @@ def encode(encoding: str, arr: Any) -> list[np.ndarray]:
         indptr = np.concatenate([[0], np.cumsum(counts)]).astype(index_dtype(nnz))
         col = np.nonzero(nzm)[1].astype(index_dtype(max(cols - 1, 0)))
         return [indptr, col, values]
+    if encoding == "relative":
+        return [encode_relative(arr, index_bits), values]
     if encoding == "bcoo":
         idx_dt = index_dtype(max(max(arr.shape, default=1) - 1, 0))
         coords = np.stack(np.unravel_index(np.flatnonzero(nz), arr.shape), axis=1)
@@ -202,9 +217,11 @@ def decode(
         q = decode_leaf(leaf, arrays["blob"], where)
         return q if quantized else dequantize_leaf(q)
     decoder = _DECODERS.get(enc)
-    if decoder is None:
+    if decoder is None and enc != "relative":
         raise FileFormatError(f"corrupted header: {where} has unknown encoding {enc!r}")
     out = np.zeros(math.prod(shape), dtype)
+    if enc == "relative":
+        return decode_relative(out, arrays, values, shape, leaf, where)
     return decoder(out, arrays, values, shape, leaf["nnz"], where)
 
 

@@ -13,6 +13,7 @@ from prunejax.fileformat.container import FORMAT_VERSION, MAGIC
 from prunejax.fileformat.dtypes import DTYPES, dtype_name
 from prunejax.fileformat.encodings import ALL_ENCODINGS, leaf_members
 from prunejax.fileformat.quantized import QUANT_ENCODINGS, check_entry
+from prunejax.fileformat.relative import check_relative_entry
 
 __all__ = ["make_header", "header_members"]
 
@@ -123,6 +124,8 @@ def check_leaf_entry(i: int, leaf: object) -> tuple[int, ...]:
         if DTYPES[leaf["dtype"]].kind != "f" and leaf["dtype"] != "bfloat16":
             raise ValueError(f"{name} is quantized but of dtype {leaf['dtype']}")
         check_entry(leaf)
+    if leaf["encoding"] == "relative":
+        check_relative_entry(leaf)
     return tuple(shape)
 
 

@@ -36,6 +36,7 @@ from prunejax.fileformat.quantized import (
     header_fields,
     plan_leaf,
 )
+from prunejax.fileformat.relative import plan_relative
 from prunejax.fileformat.structure import describe_structure
 from prunejax.quantize import dequantize, is_quantized
 
@@ -50,6 +51,7 @@ FORMATS = (
     "bitmask",
     "csr",
     "bcoo",
+    "relative",
     "qbitmask",
     "qrelative",
     "qhuffman",
@@ -252,23 +254,37 @@ def _has_quantized(params: PyTree) -> bool:
     return any(is_quantized(x) for x in jax.tree_util.tree_leaves(params, is_leaf=is_quantized))
 
 
-def _choose_encodings(format: str, arrays: list[Any], nnzs: list[int]) -> list[str]:
-    """The encoding of each leaf: the smallest for ``"auto"``, else ``format`` where it applies
-    (a quantized leaf comes with its encoding; the quantized formats pick the smallest plain
-    encoding for the other leaves)."""
-    encodings = []
+def _choose_encodings(
+    format: str, arrays: list[Any], nnzs: list[int]
+) -> tuple[list[str], list[dict]]:
+    """The encoding of each leaf and the keys it adds to the leaf's header entry: the smallest
+    for ``"auto"`` (``relative`` included), else ``format`` where it applies (a quantized leaf
+    comes with its encoding; the quantized formats pick the smallest plain encoding for the
+    other leaves)."""
+    encodings, extras = [], []
     for i, (a, nnz) in enumerate(zip(arrays, nnzs, strict=True)):
+        extra: dict = {}
         if isinstance(a, QuantLeaf):
-            enc = a.encoding
+            enc, extra = a.encoding, header_fields(a)
         elif format in ("dense", "compact"):
             enc = "dense"
         elif format == "auto" or format in QUANT_ENCODINGS:
             sizes = [leaf_bytes(e, a.shape, a.dtype, nnz, index=i) for e in ENCODINGS]
             enc = ENCODINGS[int(np.argmin(sizes))]
+            if 0 < nnz < a.size:
+                ib, blob = plan_relative(a)
+                if leaf_bytes("relative", a.shape, a.dtype, nnz, index=i, blob=blob) < min(sizes):
+                    enc, extra = "relative", {"index_bits": ib, "blob": blob}
+        elif a.ndim >= 2:
+            enc = format
+            if format == "relative":
+                ib, blob = plan_relative(a)
+                extra = {"index_bits": ib, "blob": blob}
         else:
-            enc = format if a.ndim >= 2 else "dense"
+            enc = "dense"
         encodings.append(enc)
-    return encodings
+        extras.append(extra)
+    return encodings, extras
 
 
 def plan_tree(
@@ -326,7 +342,7 @@ def _plan_one(
     if do_compact:
         arrays, compaction, kept = compact_arrays(params, arrays, activation, structural=structural)
     nnzs = [a.nnz if isinstance(a, QuantLeaf) else int(np.count_nonzero(a)) for a in arrays]
-    encodings = _choose_encodings(format, arrays, nnzs)
+    encodings, extras = _choose_encodings(format, arrays, nnzs)
     header = make_header(
         format=format,
         structure=structure,
@@ -336,6 +352,6 @@ def _plan_one(
         jax_flags=jax_flags,
         nnzs=nnzs,
         compaction=compaction,
-        extras=[header_fields(a) if isinstance(a, QuantLeaf) else {} for a in arrays],
+        extras=extras,
     )
     return Plan(header=header, leaves=arrays, encodings=encodings, kept=kept)
