@@ -318,7 +318,9 @@ def unit_masks(
     """
     where = hidden_dense_where(model) if where is None else where
     weights = model.get_weights()
-    masks = list(masks_lib.unit_masks(weights, sparsity, ord=ord, where=where))
+    # where (by default hidden_dense_where, which knows the layers) decides; the core's
+    # output-layer default would guess the last layer from the flat list
+    masks = list(masks_lib.unit_masks(weights, sparsity, ord=ord, where=where, prune_output=True))
     # Re-pair biases by layer (the list heuristic pairs a kernel with the next 1-D weight).
     kernels = {k: b for _, k, b in dense_layers(model)}
     for i, w in enumerate(weights):
