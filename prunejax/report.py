@@ -21,7 +21,8 @@ compacted kernel.  A conv kernel (``ndim >= 3``: Flax ``(h, w, in, out)``, PyTor
 ``(out, in, h, w)``) costs those FLOPs at every output position: ``2 * kernel.size * H' * W'``
 (dense), ``2 * nnz * H' * W'`` (sparse), with ``H' x W'`` the layer's output spatial size.  The
 parameters alone do not say it (it depends on the input size, strides and padding), so
-``size_report(spatial={"Conv_0": (26, 26), ...})`` takes it per conv layer; without it a conv
+``size_report(spatial={"Conv_0": (26, 26), ...})`` takes it per conv layer (``conv_spatial``
+finds it by tracing the model on an example input); without it a conv
 layer's FLOPs (and the totals) are ``None``, never a guess.  Taps on padding are counted, as
 most FLOP counters do (XLA's cost analysis leaves them out of ``SAME`` convs).
 """
@@ -35,13 +36,14 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
+import jax
 import numpy as np
 
-from prunejax._util import PyTree, dense_layers, is_int
+from prunejax._util import PyTree, dense_layers, flatten, is_int
 from prunejax.fileformat import EXTENSION, load_header, save
 from prunejax.fileformat.plan import Plan, check_format, leaf_bytes, plan_tree
 
-__all__ = ["LayerSize", "SizeReport", "size_report"]
+__all__ = ["LayerSize", "SizeReport", "conv_spatial", "size_report"]
 
 #: The per-layer byte columns of the report, in display order.
 COLUMNS = ("dense", "bitmask", "csr", "bcoo", "compact", "auto")
@@ -283,6 +285,64 @@ def _row_groups(params: PyTree, paths: list[str]) -> list[tuple[str, list[int], 
         if i not in owned:
             groups.append((p, [i], None))
     return groups
+
+
+def _sub_jaxprs(eqn: Any) -> list[Any]:
+    """The jaxprs an equation calls (``jit``, ``custom_jvp_call``, ``closed_call``, ...)."""
+    subs = []
+    for v in eqn.params.values():
+        for x in v if isinstance(v, tuple | list) else (v,):
+            inner = getattr(x, "jaxpr", x)
+            if hasattr(inner, "eqns") and hasattr(inner, "invars"):
+                subs.append(inner)
+    return subs
+
+
+def _walk_convs(jaxpr: Any, leaf_of: dict, out: dict[str, tuple[int, ...]]) -> None:
+    """Record the output spatial size of every conv whose kernel is a params leaf."""
+    for eqn in jaxpr.eqns:
+        ins = [None if hasattr(v, "val") else leaf_of.get(v) for v in eqn.invars]
+        name = eqn.primitive.name
+        if name == "convert_element_type" and ins[0] is not None:
+            leaf_of[eqn.outvars[0]] = ins[0]
+        elif name == "conv_general_dilated" and ins[1] is not None:
+            spec = eqn.params["dimension_numbers"].out_spec
+            size = tuple(int(eqn.outvars[0].aval.shape[d]) for d in spec[2:])
+            if out.setdefault(ins[1], size) != size:
+                raise ValueError(
+                    f"conv kernel {ins[1]!r} is used at two output sizes, {out[ins[1]]} and "
+                    f"{size}; pass size_report(spatial=...) with the sum of their positions"
+                )
+        for sub in _sub_jaxprs(eqn):
+            if len(sub.invars) == len(eqn.invars):
+                inner = {v: p for v, p in zip(sub.invars, ins, strict=True) if p is not None}
+                _walk_convs(sub, inner, out)
+
+
+def conv_spatial(fn: Callable[..., Any], params: PyTree, *args: Any) -> dict[str, tuple[int, ...]]:
+    """The output spatial size of every conv kernel in ``params``, for ``size_report(spatial=)``.
+
+    Traces ``fn(params, *args)`` to a jaxpr (nothing is computed) and reads the output shape of
+    each ``conv_general_dilated`` whose kernel is a leaf of ``params`` (directly or cast).
+
+    Args:
+      fn: the model's forward function taking ``params`` first, e.g.
+        ``lambda p, x: model.apply({"params": p}, x)`` (Flax) or
+        ``lambda p, x: eqx.combine(p, static)(x)`` (Equinox).
+      params: the params pytree ``size_report`` gets.
+      *args: example inputs (arrays or ``jax.ShapeDtypeStruct``), batch size irrelevant.
+
+    Returns:
+      ``{kernel path: (H', W', ...)}``.
+
+    Raises:
+      ValueError: a kernel is used by convs of two different output sizes.
+    """
+    paths = flatten(params)[0]
+    jaxpr = jax.make_jaxpr(fn)(params, *args).jaxpr
+    out: dict[str, tuple[int, ...]] = {}
+    _walk_convs(jaxpr, dict(zip(jaxpr.invars[: len(paths)], paths, strict=True)), out)
+    return out
 
 
 def _positions(name: str, path: str, shape: tuple[int, ...], spatial: Mapping) -> int | None:

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 import prunejax as pj
-from prunejax.report import size_report
+from prunejax.report import conv_spatial, size_report
 
 
 class CNN(nn.Module):
@@ -92,3 +92,35 @@ def test_conv_flops_without_spatial_are_none_not_guessed():
 def test_bad_spatial_is_refused_naming_the_layer(spatial, match):
     with pytest.raises(ValueError, match=match):
         size_report(cnn_params(), spatial=spatial)
+
+
+def test_conv_spatial_traces_the_output_sizes():
+    params = cnn_params()
+    spatial = conv_spatial(lambda p, x: CNN().apply({"params": p}, x), params, X)
+    assert spatial == {"Conv_0/kernel": (6, 6), "Conv_1/kernel": (2, 2)}
+    a = size_report(params, spatial=spatial)
+    b = size_report(params, spatial=SPATIAL)
+    assert a.total()["flops_dense"] == b.total()["flops_dense"] is not None
+    # the batch size does not matter, a ShapeDtypeStruct is enough
+    big = jax.ShapeDtypeStruct((32, 8, 8, 2), jnp.float32)
+    assert conv_spatial(lambda p, x: CNN().apply({"params": p}, x), params, big) == spatial
+
+
+def test_conv_spatial_on_an_equinox_cnn_out_in_layout():
+    import equinox as eqx
+
+    key1, key2 = jax.random.split(jax.random.key(0))
+    model = [eqx.nn.Conv2d(1, 3, 3, stride=2, key=key1), eqx.nn.Linear(27, 2, key=key2)]
+    params, static = eqx.partition(model, eqx.is_array)
+
+    def forward(p, x):
+        conv, lin = eqx.combine(p, static)
+        return lin(jax.nn.relu(conv(x)).reshape(-1))
+
+    spatial = conv_spatial(forward, params, jnp.ones((1, 7, 7)))
+    assert spatial == {"0/weight": (3, 3)}
+    # size_report on the same arrays in a dict (Equinox modules as containers are another matter)
+    tree = {str(i): {"weight": m.weight, "bias": m.bias} for i, m in enumerate(model)}
+    rep = size_report(jax.tree_util.tree_map(np.asarray, tree), spatial=spatial)
+    conv_row = rep.layers[0]
+    assert conv_row.name == "0" and conv_row.flops_dense == 2 * 3 * 1 * 3 * 3 * 9
