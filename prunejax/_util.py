@@ -452,13 +452,20 @@ def unit_axis(layout: str) -> int:
     return -1 if layout == "in_out" else 0
 
 
-def is_bias_shape(shape: tuple, width: int, layout: str) -> bool:
-    """True if ``shape`` is a bias of ``width`` units: ``(width,)``, or under ``"out_in"`` also
-    ``(width, 1, ..., 1)`` (Equinox ``Conv`` biases)."""
-    shape = tuple(shape)
+def is_bias_shape(shape: tuple, kernel_shape: tuple, layout: str) -> bool:
+    """True if ``shape`` is a bias of the units of a kernel of ``kernel_shape``: ``(out,)``, or
+    for a conv kernel under ``"out_in"`` also ``(out, 1, ..., 1)`` with one 1 per spatial axis
+    (Equinox ``Conv`` biases)."""
+    shape, kernel_shape = tuple(shape), tuple(kernel_shape)
+    width = kernel_shape[unit_axis(layout)]
     if shape == (width,):
         return True
-    return layout == "out_in" and len(shape) > 1 and shape[0] == width and set(shape[1:]) == {1}
+    return (
+        layout == "out_in"
+        and len(shape) == len(kernel_shape) - 1 >= 2
+        and shape[0] == width
+        and set(shape[1:]) == {1}
+    )
 
 
 def _next_leaf_bias(
@@ -470,7 +477,7 @@ def _next_leaf_bias(
         j < len(leaves)
         and parent_path(paths[j]) == parent_path(paths[i])
         and hasattr(leaves[j], "shape")
-        and is_bias_shape(leaves[j].shape, leaves[i].shape[unit_axis(layout)], layout)
+        and is_bias_shape(leaves[j].shape, leaves[i].shape, layout)
     ):
         return j
     return None
@@ -552,11 +559,10 @@ def dense_layers(
         if last in KERNEL_NAMES or (
             kernel_name_suffix(last) is not None and not _in_sequence(keypaths[i])
         ):
-            width = leaves[i].shape[unit_axis(layout)]
             for bname in bias_names_for(last):
                 j = by_path.get(sibling_path(p, bname))
                 if j is not None and (
-                    ndim(leaves[j]) == 1 or is_bias_shape(leaves[j].shape, width, layout)
+                    ndim(leaves[j]) == 1 or is_bias_shape(leaves[j].shape, leaves[i].shape, layout)
                 ):
                     bias = j
                     break

@@ -367,41 +367,75 @@ def magnitude_masks(
     return list(masks_lib.magnitude_masks(model.get_weights(), sparsity, scope=scope, where=where))
 
 
+def _kernel_bias_pairs(model: Any) -> dict[int, int]:
+    """``kernel position -> bias position`` in ``get_weights()`` for every layer with a kernel
+    and a 1-D bias of its output width (``Dense``, ``Conv1D``/``2D``/``3D``, ...)."""
+    index = _weight_index(model)
+    pairs = {}
+
+    def walk(layers: Iterable[Any]) -> None:
+        for layer in layers:
+            kernel, bias = getattr(layer, "kernel", None), getattr(layer, "bias", None)
+            if (
+                id(kernel) in index
+                and id(bias) in index
+                and tuple(bias.shape) == tuple(kernel.shape[-1:])
+            ):
+                pairs[index[id(kernel)]] = index[id(bias)]
+            elif hasattr(layer, "layers"):
+                walk(layer.layers)
+
+    walk(model.layers)
+    return pairs
+
+
 def unit_masks(
-    model: Any, sparsity: Any, *, ord: int | float = 2, where: Where | None = None
+    model: Any,
+    sparsity: Any,
+    *,
+    ord: int | float = 2,
+    where: Where | None = None,
+    prune_output: bool = False,
 ) -> Masks:
     """Unit (neuron) masks (Molchanov et al. 2017; Li et al. 2017) for a Keras model.
 
-    Prunes the ``round(sparsity * units)`` columns of smallest ``ord``-norm of each selected
-    ``Dense`` kernel and the layer's own bias entries for them (paired by layer, so a
-    ``BatchNormalization`` vector next to a bias-free kernel is never mistaken for its bias).
+    Prunes the ``round(sparsity * units)`` units of smallest ``ord``-norm of each selected
+    kernel (``Dense`` columns; ``Conv`` filters, if ``where`` selects them) and the layer's own
+    bias entries for them (paired by layer, so a ``BatchNormalization`` vector next to a
+    bias-free kernel is never mistaken for its bias).
 
     Args:
       model: a built ``keras.Model``.
       sparsity: fraction of units pruned per selected kernel, or a per-position mapping.
       ord: norm order of the unit ranking.
       where: ``(path, leaf) -> bool`` over ``get_weights()`` positions (default:
-        :func:`hidden_dense_where`, all ``Dense`` kernels but the output layer's).
+        :func:`hidden_dense_where`, all ``Dense`` kernels but the output layer's; with
+        ``prune_output=True``, all ``Dense`` kernels).  Given, it decides alone.
+      prune_output: by default the last ``Dense`` layer keeps its units (the model's outputs).
 
     Returns:
       One boolean array per ``model.weights`` entry (True = kept).
 
     Raises:
-      ValueError: ``where`` selects a weight that is not 2-D, or a bad sparsity.
+      ValueError: ``where`` selects a 1-D weight, or a bad sparsity.
     """
-    where = hidden_dense_where(model) if where is None else where
+    if where is None:
+        if prune_output:
+            every = {str(k) for _, k, _ in dense_layers(model)}
+            where = lambda path, leaf: path in every  # noqa: E731
+        else:
+            where = hidden_dense_where(model)
     weights = model.get_weights()
-    # where (by default hidden_dense_where, which knows the layers) decides; the core's
-    # output-layer default would guess the last layer from the flat list
+    # where (which knows the layers) decides; the core's output-layer default would guess the
+    # last layer from the flat list
     masks = list(masks_lib.unit_masks(weights, sparsity, ord=ord, where=where, prune_output=True))
     # Re-pair biases by layer (the list heuristic pairs a kernel with the next 1-D weight).
-    kernels = {k: b for _, k, b in dense_layers(model)}
     for i, w in enumerate(weights):
         if w.ndim < 2:
             masks[i] = np.ones(w.shape, bool)
-    for k, b in kernels.items():
-        if b is not None:
-            masks[b] = np.asarray(masks[k]).all(axis=0)
+    for k, b in _kernel_bias_pairs(model).items():
+        m = np.asarray(masks[k])
+        masks[b] = m.all(axis=tuple(range(m.ndim - 1)))
     return [np.asarray(m) for m in masks]
 
 

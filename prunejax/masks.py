@@ -431,7 +431,7 @@ def _unit_biases(
             continue
         width = np.shape(leaves[i])[unit_axis(layout)]
         b = bias_of.get(i)
-        if b is not None and not is_bias_shape(np.shape(leaves[b]), width, layout):
+        if b is not None and not is_bias_shape(np.shape(leaves[b]), np.shape(leaves[i]), layout):
             raise ValueError(
                 f"unit_masks: bias {paths[b]!r} of kernel {paths[i]!r} has shape "
                 f"{np.shape(leaves[b])}, but the kernel has {width} output units"

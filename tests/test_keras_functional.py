@@ -153,3 +153,32 @@ def test_example_runs_small(tmp_path):
     assert result["widths"][-1] == 10 and result["widths"][0] < result["dense_widths"][0]
     assert result["compact_bytes"] < result["dense_bytes"]
     assert 0.0 <= result["accuracy"]["compact"] <= 1.0
+
+
+def test_keras_unit_masks_output_opt_in_and_conv_filters_with_their_bias():
+    model = functional_mlp()
+    default = pjk.unit_masks(model, 0.5)
+    opt = pjk.unit_masks(model, 0.5, prune_output=True)
+    logits = model.get_layer("logits")
+    k = [i for i, v in enumerate(model.weights) if v is logits.kernel][0]
+    assert default[k].all() and default[k + 1].all()
+    assert (~opt[k + 1]).sum() == 2 and np.array_equal(opt[k][0], opt[k + 1])
+    for a, b in zip(default[:k], opt[:k], strict=True):
+        np.testing.assert_array_equal(a, b)
+    # a Conv2D kernel selected by where: whole filters, and the conv's own bias follows them
+    keras.utils.set_random_seed(0)
+    cnn = keras.Sequential(
+        [
+            keras.Input((5, 5, 2)),
+            layers.Conv2D(4, 3, name="conv"),
+            layers.Flatten(),
+            layers.Dense(3),
+        ]
+    )
+    m = pjk.unit_masks(cnn, 0.5, where=lambda path, leaf: path == "0")
+    w = cnn.get_weights()[0]
+    norms = np.linalg.norm(w.reshape(-1, 4).astype(np.float64), axis=0)
+    keep = np.ones(4, bool)
+    keep[np.argsort(norms, kind="stable")[:2]] = False
+    np.testing.assert_array_equal(m[1], keep)
+    np.testing.assert_array_equal(m[0], np.broadcast_to(keep, w.shape))
