@@ -397,7 +397,7 @@ def _warn_unpaired(
                 f"unit_masks: kernel {paths[i]!r} has no paired bias, but the 1-D leaf "
                 f"{near[0]!r} beside it has its width ({width}) and keeps all its entries; if it "
                 "is the bias, name the pair kernel/bias (or w/b, W/b, w1/b1) or prune it with "
-                "the kernel mask's unit mask",
+                "the kernel's unit mask",
                 UserWarning,
                 stacklevel=4,
             )
@@ -471,12 +471,23 @@ def _unit_mask(leaf: Any, s: Any, ord: Any, axis: int, use_jax: bool) -> tuple[A
     over all other axes."""
     xp = jnp if use_jax else np
     w = xp.moveaxis(xp.asarray(leaf).astype(_norm_dtype(leaf, use_jax)), axis, 0)
-    norms = xp.linalg.norm(w.reshape(w.shape[0], -1), ord=ord, axis=1)
+    rest = int(np.prod(w.shape[1:], dtype=np.int64))
+    norms = xp.linalg.norm(w.reshape(w.shape[0], rest), ord=ord, axis=1)
     k = _num_pruned(s, norms.shape[0], use_jax)
     units = keep_lowest_k(norms, k, use_jax)
     shape = [1] * np.ndim(leaf)
     shape[axis] = -1
     return xp.broadcast_to(units.reshape(shape), np.shape(leaf)), units
+
+
+def _check_unit_args(ord: Any, layout: str, prune_output: Any) -> int:
+    """Check ``unit_masks``' options; return the units' axis."""
+    o = check_number(ord, name="ord")
+    if not o > 0:
+        raise ValueError(f"ord must be a positive number (1, 2, np.inf, ...), got {ord!r}")
+    if not isinstance(prune_output, bool | np.bool_):
+        raise TypeError(f"prune_output must be a bool, got {type(prune_output).__name__}")
+    return unit_axis(layout)
 
 
 def unit_masks(
@@ -530,10 +541,7 @@ def unit_masks(
         kernel's units, a bad ``layout``, ``ord <= 0`` or NaN, or a bad sparsity.
       TypeError: a selected leaf is complex or not numeric; ``ord`` is not a number.
     """
-    o = check_number(ord, name="ord")
-    if not o > 0:
-        raise ValueError(f"ord must be a positive number (1, 2, np.inf, ...), got {ord!r}")
-    axis = unit_axis(layout)
+    axis = _check_unit_args(ord, layout, prune_output)
     paths, leaves, treedef, selected = _validated(params, where)
     for p, leaf, s in zip(paths, leaves, selected, strict=True):
         if s and np.ndim(leaf) < 2:

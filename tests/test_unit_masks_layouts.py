@@ -268,3 +268,17 @@ def test_where_idiom_keeps_biases_out():
     assert m["Dense_1"]["kernel"].all()
     u = pj.unit_masks(p, 0.5, where=where)
     assert (~u["Dense_0"]["bias"]).sum() == 2 and u["Dense_1"]["kernel"].all()
+
+
+@pytest.mark.parametrize("bad", ["yes", 1, None])
+def test_prune_output_must_be_a_bool(bad):
+    with pytest.raises(TypeError, match="prune_output"):
+        pj.unit_masks(flax_mlp(), 0.5, prune_output=bad)
+
+
+@pytest.mark.parametrize("shape", [(0, 3), (3, 0), (3, 3, 0, 2), (2, 0, 3, 4)])
+@pytest.mark.parametrize("layout", ["in_out", "out_in"])
+def test_empty_kernels_give_masks_of_their_shape(shape, layout):
+    for xp in (np, jnp):
+        m = pj.unit_masks({"w": xp.ones(shape, xp.float32)}, 0.5, layout=layout, prune_output=True)
+        assert np.shape(m["w"]) == shape
