@@ -53,7 +53,6 @@ __all__ = [
     "per_leaf_values",
     "check_same_structure",
     "dense_layers",
-    "LAYOUTS",
     "unit_axis",
     "is_bias_shape",
     "split_layer_key",
@@ -436,9 +435,6 @@ def _in_sequence(keypath: tuple) -> bool:
     return bool(keypath) and isinstance(keypath[-1], jax.tree_util.SequenceKey)
 
 
-LAYOUTS = ("in_out", "out_in")
-
-
 def unit_axis(layout: str) -> int:
     """The axis of a kernel that holds its output units: ``-1`` for ``"in_out"`` (Flax, Keras:
     ``(in, out)``, conv ``(h, w, in, out)``), ``0`` for ``"out_in"`` (Equinox, PyTorch:
@@ -447,7 +443,7 @@ def unit_axis(layout: str) -> int:
     Raises:
       ValueError: ``layout`` is neither.
     """
-    if layout not in LAYOUTS:
+    if layout not in ("in_out", "out_in"):
         raise ValueError(f"layout must be 'in_out' or 'out_in', got {layout!r}")
     return -1 if layout == "in_out" else 0
 

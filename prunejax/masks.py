@@ -38,6 +38,7 @@ Semantics shared by all builders:
 
 from __future__ import annotations
 
+import sys
 import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -64,6 +65,7 @@ from prunejax._util import (
     is_jax,
     is_traced,
     parent_path,
+    path_str,
     per_leaf_values,
     select,
     sibling_path,
@@ -480,6 +482,31 @@ def _unit_mask(leaf: Any, s: Any, ord: Any, axis: int, use_jax: bool) -> tuple[A
     return xp.broadcast_to(units.reshape(shape), np.shape(leaf)), units
 
 
+def _equinox_layer(params: PyTree) -> str | None:
+    """The path of the first Equinox ``Linear``/``Conv``/``ConvTranspose`` in ``params`` (their
+    weights are ``(out, in)``), or ``None`` (also when Equinox is not imported)."""
+    eqx = sys.modules.get("equinox")
+    if eqx is None:
+        return None
+    kinds = (eqx.nn.Linear, eqx.nn.Conv, eqx.nn.ConvTranspose)
+    flat = jax.tree_util.tree_flatten_with_path(params, is_leaf=lambda x: isinstance(x, kinds))[0]
+    return next((path_str(kp) for kp, x in flat if isinstance(x, kinds)), None)
+
+
+def _unit_layout(params: PyTree, layout: str | None) -> str:
+    """``layout``, or for ``None`` the one the tree's modules use: ``"out_in"`` for Equinox
+    layers, else ``"in_out"``; an explicit ``"in_out"`` for Equinox layers is refused."""
+    eqx_layer = _equinox_layer(params)
+    if layout is None:
+        return "in_out" if eqx_layer is None else "out_in"
+    if layout == "in_out" and eqx_layer is not None:
+        raise ValueError(
+            f"unit_masks: {eqx_layer!r} is an Equinox layer, whose weight is (out, in), but "
+            "layout='in_out' was given; pass layout='out_in' (or None to detect it)"
+        )
+    return layout
+
+
 def _check_unit_args(ord: Any, layout: str, prune_output: Any) -> int:
     """Check ``unit_masks``' options; return the units' axis."""
     o = check_number(ord, name="ord")
@@ -496,7 +523,7 @@ def unit_masks(
     *,
     ord: int | float = 2,
     where: Where | None = None,
-    layout: str = "in_out",
+    layout: str | None = None,
     prune_output: bool = False,
 ) -> PyTree:
     """Prune whole output units (neurons, conv filters) with the smallest norm, with their biases.
@@ -506,15 +533,14 @@ def unit_masks(
     ConvNets": rank the output units of each kernel by the ``ord``-norm of their weights over
     all other axes and prune ``round(s * units)`` of them, ties by unit index.  Units are the
     last axis under ``layout="in_out"`` (Flax/Keras ``(in, out)``; conv ``(h, w, in, out)``, a
-    filter being one output channel) and the first under ``"out_in"`` (Equinox ``Linear.weight``
-    and PyTorch ``(out, in)``; conv ``(out, in, h, w)``).  The bias entry of a pruned unit is
-    pruned too, paired by :func:`prunejax._util.dense_layers`: ``kernel``/``bias`` siblings
-    (also ``weight``/``bias``, ``w``/``b``, ``W``/``b``, ``w1``/``b1``, PyTorch ``fc1.weight``/
+    filter being one output channel), the first under ``"out_in"`` (Equinox, PyTorch
+    ``(out, in)``; conv ``(out, in, h, w)``).  The bias entry of a pruned unit is pruned too,
+    paired by :func:`prunejax._util.dense_layers`: ``kernel``/``bias`` siblings (also
+    ``weight``/``bias``, ``w``/``b``, ``W``/``b``, ``w1``/``b1``, PyTorch ``fc1.weight``/
     ``fc1.bias``), the ``[W, b, ...]`` Keras list, Equinox ``Conv`` biases ``(out, 1, 1)``.
 
-    The network's output layer (the last kernel in ``dense_layers``' forward order) keeps its
-    units unless ``prune_output=True``: they are the model's outputs (classes).  Check the order
-    with ``dense_layers`` when layer names do not sort in forward order.
+    The output layer (the last kernel in ``dense_layers``' forward order; check it there) keeps
+    its units unless ``prune_output=True``: they are the model's outputs (classes).
 
     Norm parameters that follow a unit (LayerNorm/BatchNorm ``scale``/``bias``, BatchNorm
     ``mean``/``var``) are not paired: the pytree alone does not say which layer they follow.  An
@@ -530,7 +556,8 @@ def unit_masks(
       ord: the norm order, a positive number (``2`` = L2, ``1`` = L1, ``np.inf`` = max).
       where: ``(path, leaf) -> bool`` selecting kernels (default: ``ndim >= 2``; a paired bias
         of ``ndim >= 2``, as Equinox's ``(out, 1, 1)``, follows its kernel).
-      layout: ``"in_out"`` (default) or ``"out_in"``: which axis holds the units.
+      layout: ``"in_out"``, ``"out_in"``, or ``None``: ``"out_in"`` for a tree holding Equinox
+        ``Linear``/``Conv`` modules (``eqx.partition(model, eqx.is_array)[0]``), else ``"in_out"``.
       prune_output: also prune the output layer's units.
 
     Returns:
@@ -538,9 +565,12 @@ def unit_masks(
 
     Raises:
       ValueError: a selected leaf is 1-D, a bias (or a sibling named as one) does not fit the
-        kernel's units, a bad ``layout``, ``ord <= 0`` or NaN, or a bad sparsity.
-      TypeError: a selected leaf is complex or not numeric; ``ord`` is not a number.
+        kernel's units, a bad ``layout`` (``"in_out"`` for Equinox layers), ``ord <= 0`` or NaN,
+        or a bad sparsity.
+      TypeError: a selected leaf is complex or not numeric; a non-number ``ord``, a non-bool
+        ``prune_output``.
     """
+    layout = _unit_layout(params, layout)
     axis = _check_unit_args(ord, layout, prune_output)
     paths, leaves, treedef, selected = _validated(params, where)
     for p, leaf, s in zip(paths, leaves, selected, strict=True):

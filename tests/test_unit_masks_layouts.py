@@ -282,3 +282,17 @@ def test_empty_kernels_give_masks_of_their_shape(shape, layout):
     for xp in (np, jnp):
         m = pj.unit_masks({"w": xp.ones(shape, xp.float32)}, 0.5, layout=layout, prune_output=True)
         assert np.shape(m["w"]) == shape
+
+
+def test_equinox_modules_are_detected_and_in_out_is_refused_for_them():
+    # a square hidden layer: (out, in) read as (in, out) would fit its bias and go wrong silently
+    model = eqx.nn.MLP(4, 2, 4, 2, key=jax.random.key(3))
+    params, _ = eqx.partition(model, eqx.is_array)
+    detected = pj.unit_masks(params, 0.5)
+    explicit = pj.unit_masks(params, 0.5, layout="out_in")
+    assert jax.tree_util.tree_all(jax.tree_util.tree_map(np.array_equal, detected, explicit))
+    w = np.asarray(model.layers[1].weight, np.float64)
+    rows = expected_units(np.linalg.norm(w, axis=1), 0.5)
+    np.testing.assert_array_equal(np.asarray(detected.layers[1].weight)[:, 0], rows)
+    with pytest.raises(ValueError, match=r"'layers/0'.*Equinox.*layout='out_in'"):
+        pj.unit_masks(params, 0.5, layout="in_out")
