@@ -501,6 +501,13 @@ def sibling_path(path: str, name: str) -> str:
     return f"{par}/{name}" if par else name
 
 
+def _variable_suffix(keypath: tuple) -> str:
+    """``"/value"`` for a leaf held by a Flax NNX ``Variable`` (an ``nnx.State`` leaf's path
+    ends in its ``value`` attribute: ``fc1/kernel/value``), else ``""``."""
+    last = keypath[-1] if keypath else None
+    return "/value" if isinstance(last, jax.tree_util.GetAttrKey) and last.name == "value" else ""
+
+
 def _is_kernel(leaf: Any, conv: bool) -> bool:
     return ndim(leaf) == 2 or (conv and ndim(leaf) >= 3)
 
@@ -513,9 +520,10 @@ def dense_layers(
     Conventions recognised (kernels are ``(in, out)``, as in Flax and Keras, unless ``layout``
     says ``(out, in)``):
       * sibling leaves ``kernel``/``bias`` in a dict (Flax ``{"Dense_0": {"kernel", "bias"}}``;
-        also ``weight``/``bias`` and ``w``/``b``, and PyTorch-style dotted keys
-        ``{"fc1.weight", "fc1.bias"}``); layers are ordered by the *natural* order of their
-        paths, so ``Dense_10`` comes after ``Dense_9``;
+        also ``weight``/``bias`` and ``w``/``b``, PyTorch-style dotted keys
+        ``{"fc1.weight", "fc1.bias"}`` and NNX ``fc1/kernel/value``/``fc1/bias/value``);
+        layers are ordered by the *natural* order of their paths (``Dense_10`` after
+        ``Dense_9``);
       * sibling leaves named with a matching suffix: ``W``/``b``, ``w1``/``b1``, ``W_2``/``b_2``,
         ``kernel3``/``bias3`` (a flat ``{"w1", "b1", "w2", "b2"}`` dict); if no bias of that
         name exists, the sequence convention below applies;
@@ -549,14 +557,13 @@ def dense_layers(
     used_bias: set[int] = set()
     named = []
     for i in (i for i, leaf in enumerate(leaves) if _is_kernel(leaf, conv)):
-        p = paths[i]
-        layer, last = split_layer_key(p)
+        p, sfx = paths[i], _variable_suffix(keypaths[i])
+        base, kp = (p[: -len(sfx)], keypaths[i][:-1]) if sfx else (p, keypaths[i])
+        layer, last = split_layer_key(base)
         bias = None
-        if last in KERNEL_NAMES or (
-            kernel_name_suffix(last) is not None and not _in_sequence(keypaths[i])
-        ):
+        if last in KERNEL_NAMES or (kernel_name_suffix(last) is not None and not _in_sequence(kp)):
             for bname in bias_names_for(last):
-                j = by_path.get(sibling_path(p, bname))
+                j = by_path.get(sibling_path(base, bname) + sfx)
                 if j is not None and (
                     ndim(leaves[j]) == 1 or is_bias_shape(leaves[j].shape, leaves[i].shape, layout)
                 ):
@@ -564,7 +571,7 @@ def dense_layers(
                     break
             if bias is None and last not in KERNEL_NAMES:
                 bias = _next_leaf_bias(i, paths, leaves, layout)
-            named.append((layer or p, i, bias, "named"))
+            named.append((layer or base, i, bias, "named"))
             continue
         kind = "sequence" if _in_sequence(keypaths[i]) else "unnamed"
         named.append((p, i, _next_leaf_bias(i, paths, leaves, layout), kind))

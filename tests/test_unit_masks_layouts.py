@@ -296,3 +296,25 @@ def test_equinox_modules_are_detected_and_in_out_is_refused_for_them():
     np.testing.assert_array_equal(np.asarray(detected.layers[1].weight)[:, 0], rows)
     with pytest.raises(ValueError, match=r"'layers/0'.*Equinox.*layout='out_in'"):
         pj.unit_masks(params, 0.5, layout="in_out")
+
+
+def test_nnx_state_pairs_kernel_value_with_bias_value():
+    from flax import nnx
+
+    class MLP(nnx.Module):
+        def __init__(self, rngs):
+            self.fc1 = nnx.Linear(6, 4, rngs=rngs)
+            self.fc2 = nnx.Linear(4, 3, rngs=rngs)
+
+    _, state = nnx.split(MLP(nnx.Rngs(0)))
+    layers = pj.dense_layers(state)
+    assert [(x.name, x.kind) for x in layers] == [("fc1", "named"), ("fc2", "named")]
+    assert all(x.bias is not None for x in layers)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        m = pj.unit_masks(state, 0.5)
+    kernel = np.asarray(state["fc1"]["kernel"][...], np.float64)
+    cols = expected_units(np.linalg.norm(kernel, axis=0), 0.5)
+    np.testing.assert_array_equal(np.asarray(m["fc1"]["bias"][...]), cols)
+    np.testing.assert_array_equal(np.asarray(m["fc1"]["kernel"][...])[0], cols)
+    assert np.asarray(m["fc2"]["kernel"][...]).all()
