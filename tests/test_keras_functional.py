@@ -12,6 +12,14 @@ from keras import layers  # noqa: E402
 
 import prunejax.keras as pjk  # noqa: E402
 
+pytestmark = [
+    pytest.mark.skipif(
+        keras.backend.backend() != "jax", reason="these tests run Keras on the JAX backend"
+    ),
+    # Keras' Variable.__array__ predates NumPy 2's copy keyword
+    pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning"),
+]
+
 
 def functional_mlp(sizes=(12, 32, 16, 3), *, seed=0, softmax=True):
     keras.utils.set_random_seed(seed)
@@ -132,7 +140,14 @@ def test_two_inputs_a_shared_layer_and_a_subclassed_model_are_refused():
         pjk.compact_model(sub)
 
 
+@pytest.mark.slow
 def test_example_runs_small(tmp_path):
+    from prunejax.apps.mnist.data import find_data_dir
+
+    try:
+        find_data_dir()
+    except FileNotFoundError:
+        pytest.skip("MNIST not found offline")
     from examples import keras_functional
 
     result = keras_functional.main(
