@@ -427,7 +427,7 @@ def test_structured_rank_errors_and_where_escape():
     with pytest.raises(ValueError, match="conv"):
         pj.block_masks(p, 0.5, block=(2, 2))
     only_dense = lambda path, leaf: path == "dense"  # noqa: E731
-    assert pj.unit_masks(p, 0.5, where=only_dense)["conv"].all()
+    assert pj.unit_masks(p, 0.5, where=only_dense, prune_output=True)["conv"].all()
     assert pj.block_masks(p, 0.5, block=(2, 2), where=only_dense)["conv"].all()
 
 
