@@ -869,12 +869,15 @@ class Unwrapped:
     """A model container seen as a plain tree (see :func:`unwrap`).
 
     Attributes:
-      kind: ``"tree"`` (dicts, lists, tuples, Flax ``FrozenDict``: nothing to unwrap),
-        ``"nnx.State"`` or ``"equinox"``.
+      kind: ``"tree"`` (dicts, lists, tuples, Flax ``FrozenDict``: nothing to unwrap, though
+        ``layout="out_in"`` transposes its kernels), ``"nnx.State"`` or ``"equinox"``.
       tree: the arrays as a plain nested dict (or the input itself for ``"tree"``), with every
         ``(out, in)`` kernel transposed to ``(in, out)``.
       out_in: the paths (in ``tree``) of the kernels that were transposed.
-      record: a JSON description of the container for files (``None`` for ``"tree"``).
+      record: a JSON description of the container for files (``None`` for a ``"tree"`` with
+        nothing transposed): ``{"kind": "nnx.State", "variables": {path: Variable type}}``,
+        ``{"kind": "equinox", "class": name, "out_in": [paths]}`` or
+        ``{"kind": "tree", "out_in": [paths]}``.
       rewrap: ``rewrap(tree, transpose=True)`` builds the container back from a tree of the same
         keys (leaf shapes may differ: compacted); ``transpose=False`` when the ``out_in`` leaves
         are already in the container's orientation.
@@ -1094,26 +1097,27 @@ def unwrap(obj: Any, *, layout: str | None = None) -> Unwrapped:
     def rewrap(new: Any, transpose: bool = True) -> Any:
         return swap(new, transpose)
 
-    return Unwrapped("tree", swap(obj, True), out_in, None, rewrap)
+    record = {"kind": "tree", "out_in": sorted(out_in)} if out_in else None
+    return Unwrapped("tree", swap(obj, True), out_in, record, rewrap)
 
 
 def rewrap_record(record: Any, tree: Any) -> Any:
     """The container a file's ``record`` (``Unwrapped.record``) describes, built around ``tree``
     without a template: an ``nnx.State`` with the recorded ``Variable`` types; for an Equinox
-    module (whose class and functions a file does not hold) the plain nested dict with the
-    ``(out, in)`` kernels transposed back; ``tree`` itself for ``None``.
+    module (whose class and functions a file does not hold) and a plain tree, the plain tree
+    with the ``(out, in)`` kernels transposed back; ``tree`` itself for ``None``.
 
     Raises:
       ValueError: a malformed record or an unknown ``Variable`` type name.
     """
     if record is None:
         return tree
-    if not isinstance(record, dict) or record.get("kind") not in ("nnx.State", "equinox"):
+    if not isinstance(record, dict) or record.get("kind") not in ("nnx.State", "equinox", "tree"):
         raise ValueError(f"unknown container record {record!r}")
-    if record["kind"] == "equinox":
+    if record["kind"] in ("equinox", "tree"):
         out_in = record.get("out_in")
         if not isinstance(out_in, list) or not all(isinstance(p, str) for p in out_in):
-            raise ValueError("malformed equinox container record")
+            raise ValueError(f"malformed {record['kind']} container record")
         return _transposer(frozenset(out_in))(tree, True)
     from flax import nnx
 

@@ -44,6 +44,7 @@ from prunejax._util import (
     is_jax,
     is_matrix_object,
     is_traced,
+    unwrap,
 )
 
 __all__ = ["Compacted", "compact", "compaction_plan"]
@@ -169,7 +170,9 @@ def _plan(kernels: list[np.ndarray]) -> tuple[list[np.ndarray], list[np.ndarray]
     return alive, nz
 
 
-def compaction_plan(params: PyTree, *, masks: PyTree | None = None) -> list[np.ndarray]:
+def compaction_plan(
+    params: PyTree, *, masks: PyTree | None = None, layout: str | None = None
+) -> list[np.ndarray]:
     """The units ``compact`` keeps, without computing the compacted weights.
 
     Which units die depends only on where the kernels are zero, never on the activation (the
@@ -177,12 +180,17 @@ def compaction_plan(params: PyTree, *, masks: PyTree | None = None) -> list[np.n
     It does not check whether folding is possible (see ``compact``).
 
     Args:
-      params: an MLP params pytree (see ``compact``).
+      params: an MLP params pytree, ``nnx.State`` or Equinox module (see ``compact``).
       masks: optional bool pytree of ``params``' structure (True = kept), applied first.
+      layout: the kernels' layout, as in ``compact``.
 
     Returns:
       One sorted ``int64`` index array per dense layer, as ``Compacted.kept``.
     """
+    u = unwrap(params, layout=layout)
+    if u.kind != "tree" or u.out_in:
+        mtree = None if masks is None else unwrap(masks, layout=layout).tree
+        return compaction_plan(u.tree, masks=mtree)
     mlp = _mlp(params, masks, what="compaction_plan")
     kernels = [mlp.leaves[layer.kernel] for layer in mlp.layers]
     alive, nz = _plan(kernels)
@@ -199,6 +207,7 @@ def compact(
     *,
     activation: Callable[[Any], Any] = jax.nn.relu,
     masks: PyTree | None = None,
+    layout: str | None = None,
 ) -> Compacted:
     """Physically remove the dead hidden units of a pruned MLP.
 
@@ -218,17 +227,23 @@ def compact(
     Args:
       params: an MLP: Flax-style ``{"Dense_0": {"kernel", "bias"}, ...}``, a Keras-style list
         ``[W1, b1, W2, b2, ...]`` or any pytree ``prunejax._util.dense_layers`` understands,
-        with dense ``(in, out)`` kernels, biases optional per layer.  Every leaf must belong to a
-        dense layer and consecutive layers must chain (``out_i == in_{i+1}``).  Kernels are
-        recognised by name (``kernel``/``weight``/``w``/``W``/``w1``/..., see
-        ``DenseLayer.kind``) or by position in a list/tuple; any other 2-D leaf (a dict entry
-        such as ``"embed"``) is refused, since an embedding table that happens to chain with a
-        dense layer would otherwise lose rows.  Pruned weights are
+        with dense ``(in, out)`` kernels, biases optional per layer; or the same MLP as a Flax
+        NNX ``nnx.State`` or an Equinox module (``prunejax._util.unwrap``: ``(out, in)``
+        ``equinox.nn.Linear`` weights are recognised, the result is of the same kind, its
+        ``Linear`` layers' ``in_features``/``out_features`` set to the new widths).  Every
+        leaf must belong to a dense layer and consecutive layers must chain
+        (``out_i == in_{i+1}``).  Kernels are recognised by name
+        (``kernel``/``weight``/``w``/``W``/``w1``/..., see ``DenseLayer.kind``) or by
+        position in a list/tuple; any other 2-D leaf (a dict entry such as ``"embed"``) is
+        refused, since an embedding table that happens to chain with a dense layer would
+        otherwise lose rows.  Pruned weights are
         exact zeros (pass ``masks`` to apply a mask first).
       activation: the elementwise nonlinearity between layers (the same one the model uses).
         It must be a JAX-traceable function; it is evaluated on the biases of dead-on-input units.
       masks: optional bool pytree of ``params``' structure (True = kept), applied before
         compaction.
+      layout: the kernels' layout: ``None`` (default) detects Equinox ``Linear`` weights as
+        ``(out, in)``; ``"out_in"`` says every 2-D leaf is (PyTorch-style), ``"in_out"`` none.
 
     Returns:
       ``Compacted(params, kept)`` (a ``NamedTuple``, so ``small, kept = compact(...)`` works):
@@ -246,6 +261,11 @@ def compact(
     """
     if not callable(activation):
         raise TypeError(f"activation must be callable, got {type(activation).__name__}")
+    u = unwrap(params, layout=layout)
+    if u.kind != "tree" or u.out_in:
+        mtree = None if masks is None else unwrap(masks, layout=layout).tree
+        small = compact(u.tree, activation=activation, masks=mtree)
+        return Compacted(u.rewrap(small.params), small.kept)
     mlp = _mlp(params, masks)
     layers = mlp.layers
     kernels = [mlp.leaves[layer.kernel] for layer in layers]

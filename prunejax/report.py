@@ -31,7 +31,7 @@ from typing import Any
 
 import numpy as np
 
-from prunejax._util import PyTree, dense_layers
+from prunejax._util import PyTree, dense_layers, unwrap
 from prunejax.fileformat import EXTENSION, load_header, save
 from prunejax.fileformat.plan import Plan, check_format, leaf_bytes, plan_tree
 
@@ -329,12 +329,16 @@ def size_report(
     path: str | os.PathLike | None = None,
     activation: Callable | None = None,
     format: str = "auto",
+    layout: str | None = None,
 ) -> SizeReport:
     """Per-layer and total sizes, break-even densities, FLOPs and file sizes of a pruned model.
 
     Args:
-      params: a params pytree (any pytree ``prunejax.fileformat.save`` accepts); rows are its
-        dense layers (``prunejax._util.dense_layers``) plus one row per other leaf.
+      params: a params pytree (any pytree ``prunejax.fileformat.save`` accepts, an
+        ``nnx.State`` or an Equinox module); rows are its dense layers
+        (``prunejax._util.dense_layers`` of the unwrapped tree, ``prunejax._util.unwrap``: an
+        ``nnx.State``'s ``fc1/kernel/value`` is layer ``fc1``'s kernel, an Equinox ``Linear``
+        weight's shape is given ``(in, out)``) plus one row per other leaf.
       masks: optional bool pytree of ``params``' structure (True = kept), applied first.
       path: a file written by ``prunejax.fileformat.save`` to measure; by default the params are
         saved in ``format`` to a temporary file that is measured and deleted.
@@ -342,6 +346,7 @@ def size_report(
         ``"auto"``).  Compacted sizes and FLOPs do not depend on it (which units die depends only
         on the zeros), so the ``"compact"`` column is filled either way for an MLP.
       format: the format of the temporary file that is measured when ``path`` is None.
+      layout: the kernels' layout, as in ``prunejax.fileformat.save``.
 
     Returns:
       A ``SizeReport``: ``str(report)`` is a readable table, ``report.to_dict()`` a dict.
@@ -350,12 +355,17 @@ def size_report(
       ValueError/TypeError: as ``prunejax.fileformat.save`` (unknown format, NaN weights naming
         the leaf, mismatched masks, ...); ``FileNotFoundError`` if ``path`` does not exist.
     """
-    plans = _plans(params, masks, activation)
+    u = unwrap(params, layout=layout)
+    mtree = None if masks is None else unwrap(masks, layout=layout).tree
+    plans = _plans(u.tree, mtree, activation)
+    for plan in plans.values():
+        if plan is not None and u.record is not None:
+            plan.header["container"] = u.record  # as save writes it
     member_bytes = {f: (None if p is None else p.bytes_per_leaf()) for f, p in plans.items()}
     paths = [m["path"] for m in plans["dense"].header["leaves"]]
     rows = [
         _row(name, idx, kernel, plans, member_bytes)
-        for name, idx, kernel in _row_groups(params, paths)
+        for name, idx, kernel in _row_groups(u.tree, paths)
     ]
     predicted = {c: (None if plans[c] is None else plans[c].nbytes()) for c in COLUMNS}
     if path is not None:
@@ -365,7 +375,9 @@ def size_report(
     else:
         with tempfile.TemporaryDirectory() as d:
             tmp = os.path.join(d, "model" + EXTENSION)
-            file_bytes = save(tmp, params, format=format, masks=masks, activation=activation)
+            file_bytes = save(
+                tmp, params, format=format, masks=masks, activation=activation, layout=layout
+            )
         file_format, file_path = check_format(format), None
     return SizeReport(
         layers=rows,
