@@ -371,17 +371,7 @@ def load(
         max_elements=max_elements,
         file_size=size,
     )
-    leaves = []
-    for i, leaf in enumerate(header["leaves"]):
-        members = {r: arrays[f"{i}.{r}"] for r in ROLES[leaf["encoding"]]}
-        try:
-            leaves.append(decode(leaf, members, i, version=version))
-        except (ValueError, TypeError, IndexError) as e:
-            if isinstance(e, FileFormatError):
-                raise FileFormatError(f"{where!r}: {e}") from None
-            raise FileFormatError(
-                f"{where!r}: corrupted file: leaf {i} ({leaf['path']!r}) cannot be decoded ({e})"
-            ) from None
+    leaves = _decode_leaves(where, header, arrays, version)
     comp = header.get("compaction")
     if expand and comp is not None:
         kept = [arrays[f"kept.{j}"] for j in range(len(comp["layers"]))]
@@ -400,6 +390,22 @@ def load(
     if len(used) != len(leaves):
         raise FileFormatError(f"{where!r}: corrupted header (structure does not use every leaf)")
     return _rewrap(where, header.get("container"), tree, like)
+
+
+def _decode_leaves(where: str, header: dict, arrays: dict, version: int) -> list[np.ndarray]:
+    """Every leaf of a verified file, decoded (``FileFormatError`` naming a bad one)."""
+    leaves = []
+    for i, leaf in enumerate(header["leaves"]):
+        members = {r: arrays[f"{i}.{r}"] for r in ROLES[leaf["encoding"]]}
+        try:
+            leaves.append(decode(leaf, members, i, version=version))
+        except (ValueError, TypeError, IndexError) as e:
+            if isinstance(e, FileFormatError):
+                raise FileFormatError(f"{where!r}: {e}") from None
+            raise FileFormatError(
+                f"{where!r}: corrupted file: leaf {i} ({leaf['path']!r}) cannot be decoded ({e})"
+            ) from None
+    return leaves
 
 
 def _rewrap(where: str, record: object, tree: PyTree, like: PyTree | None) -> PyTree:

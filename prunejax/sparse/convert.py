@@ -270,8 +270,7 @@ def sparsify(
       params: any pytree of arrays, a Flax NNX ``nnx.State`` or an Equinox module; kernels are
         ``(in, out)`` and used as ``x @ W``, except those ``layout`` says are ``(out, in)``.
         Leaves that already are sparse kernel objects are converted from their dense form.
-        Run a model with the result through ``prunejax.sparse_apply`` (any model) or
-        ``prunejax.models`` (prunejax's MLP).
+        Run any model on the result with ``prunejax.sparse_apply``.
       format: one of ``FORMATS``.
       batch_size: the inference batch size; required by ``"auto"``, ignored otherwise.
       where: ``(path, leaf) -> bool`` selecting the leaves to convert (default: every leaf of
@@ -286,12 +285,9 @@ def sparsify(
         per layer shape, pattern and batch size on this machine, so a second call measures
         nothing (``prunejax.sparse.auto.tune_format``; ``predict_times(..., measured=True)``
         shows them).  Costs a compilation and a few timed calls per candidate and layer.
-      layout: ``None`` (default): ``equinox.nn.Linear`` weights are ``(out, in)``, every other
-        kernel ``(in, out)``; ``"out_in"``: every 2-D leaf is ``(out, in)`` (PyTorch-style);
-        ``"in_out"``: none is.  An ``(out, in)`` kernel ``W`` is converted as ``W.T`` and
-        returned as a :class:`TransposedKernel` of shape ``(out, in)``.  ``where=`` sees the
-        paths and leaves of the unwrapped tree (``prunejax._util.unwrap``: ``fc1/kernel`` for
-        an ``nnx.State``'s ``fc1/kernel/value``) with ``(out, in)`` kernels transposed.
+      layout: ``None``: Equinox ``Linear`` weights are ``(out, in)``; ``"out_in"``: every 2-D
+        leaf is; ``"in_out"``: none.  ``(out, in)`` kernels become :class:`TransposedKernel`.
+        ``where=`` sees the unwrapped tree (``prunejax._util.unwrap``).
 
     Returns:
       ``params`` (the same kind of container) with each selected kernel replaced by its
@@ -320,22 +316,12 @@ def sparsify(
 
     selected = select(paths, leaves, where if where is not None else default)
     layers = layer_kernels(params, paths) if format == "auto" else set()
-    out = []
-    for p, leaf, s in zip(paths, leaves, selected, strict=True):
-        if not s:
-            out.append(leaf)
-            continue
-        w = _concrete_kernel(p, leaf)
-        if format == "auto" and jax.default_backend() == "gpu":
-            out.append(auto_gpu(w, int(batch_size)))  # type: ignore[arg-type]
-            continue
-        fmt = format
-        if format == "auto":
-            build = functools.partial(_to_format, w, path=p, block=block, nm=nm)
-            fmt = auto_format(
-                w, int(batch_size), block, layer_kernel=p in layers, tune=tune, build=build
-            )  # type: ignore[arg-type]
-        out.append(_to_format(w, fmt, p, block, nm))
+    out = [
+        _convert(p, leaf, format, batch_size, block, nm, tune=tune, layer=p in layers)
+        if s
+        else leaf
+        for p, leaf, s in zip(paths, leaves, selected, strict=True)
+    ]
     out = [
         (TransposedKernel(leaf) if is_matrix_object(leaf) else swap_kernel(p, leaf))
         if p in u.out_in
@@ -343,6 +329,28 @@ def sparsify(
         for p, leaf in zip(paths, out, strict=True)
     ]
     return u.rewrap(jax.tree_util.tree_unflatten(treedef, out), transpose=False)
+
+
+def _convert(
+    p: str,
+    leaf: Any,
+    format: str,  # noqa: A002
+    batch_size: int | None,
+    block: tuple[int, int],
+    nm: tuple[int, int],
+    *,
+    tune: bool,
+    layer: bool,
+) -> Any:
+    """One selected leaf in ``format`` (``"auto"`` resolved for it)."""
+    w = _concrete_kernel(p, leaf)
+    if format == "auto" and jax.default_backend() == "gpu":
+        return auto_gpu(w, int(batch_size))  # type: ignore[arg-type]
+    fmt = format
+    if format == "auto":
+        build = functools.partial(_to_format, w, path=p, block=block, nm=nm)
+        fmt = auto_format(w, int(batch_size), block, layer_kernel=layer, tune=tune, build=build)  # type: ignore[arg-type]
+    return _to_format(w, fmt, p, block, nm)
 
 
 def _concrete_kernel(path: str, leaf: Any) -> np.ndarray:
