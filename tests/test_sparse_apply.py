@@ -267,3 +267,21 @@ def test_wrong_layout_is_refused_with_a_hint():
 def test_not_a_function():
     with pytest.raises(TypeError, match="expects a function"):
         pj.sparse_apply({"w": 1})
+
+
+def test_kernels_inside_checkpoint_and_custom_vjp():
+    rng = np.random.default_rng(2)
+    w = pruned({"w": rng.normal(size=(6, 6)).astype(np.float32)}, 0.5)
+    x = jnp.asarray(rng.normal(size=(2, 6)).astype(np.float32))
+
+    @jax.custom_vjp
+    def layer(x, k):
+        return jnp.tanh(x @ k)
+
+    layer.defvjp(lambda x, k: (layer(x, k), None), lambda _, g: (g, None))
+
+    def f(p, x):
+        h = jax.checkpoint(lambda h: jnp.sin(h @ p["w"]))(x)
+        return layer(h, p["w"])
+
+    np.testing.assert_allclose(jax.jit(pj.sparse_apply(f))(sparse(w, "csr"), x), f(w, x), **TOL)
