@@ -14,8 +14,9 @@ A kernel may only be multiplied.  The primitives a kernel leaf may meet:
   kernel, axis 1 of an ``(out, in)`` :class:`~prunejax.sparse.convert.TransposedKernel`) with one
   axis of the other operand, in either operand position, with any number of free axes on the
   other operand: ``x @ W`` (Flax, NNX, Haiku), ``W @ x`` (Equinox) and their ``vmap``-ped forms.
-  The product is computed by the kernel object and cast to the dtype the dense product had.
-  ``precision`` and ``preferred_element_type`` are the kernel's own (float32 accumulation).
+  The product is computed by the kernel object (with its own arithmetic: the dense product's
+  ``precision`` and ``preferred_element_type`` do not apply) and cast to the dtype the dense
+  product had.
 * passthroughs that provably leave the kernel as it is: ``convert_element_type`` to the
   kernel's own dtype, ``copy``, and returning the kernel as an output of ``fn`` (an NNX
   function that returns its state gets the kernel object back).
