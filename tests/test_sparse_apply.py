@@ -285,3 +285,13 @@ def test_kernels_inside_checkpoint_and_custom_vjp():
         return layer(h, p["w"])
 
     np.testing.assert_allclose(jax.jit(pj.sparse_apply(f))(sparse(w, "csr"), x), f(w, x), **TOL)
+
+
+def test_nm_kernels_in_a_linen_model(linen, images):
+    model, params, _ = linen
+    nm = pj.apply_masks(params, pj.nm_masks(params, 2, 4, axis=0, where=two_d))
+    ref = model.apply({"params": nm}, images)
+    sp = pj.sparsify(nm, "nm", where=two_d, nm=(2, 4))
+    assert pj.format_of(sp["Dense_2"]["kernel"]) == "nm"
+    out = jax.jit(pj.sparse_apply(model.apply))({"params": sp}, images)
+    np.testing.assert_allclose(out, ref, **TOL)
