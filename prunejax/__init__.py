@@ -55,6 +55,15 @@ from prunejax.masks import (
     unit_masks,
 )
 from prunejax.models import MLP, MaskableDense, mlp_apply
+from prunejax.quantize import (
+    Quantized,
+    codebook_grads,
+    codebooks,
+    dequantize,
+    kmeans_quantize,
+    uniform_quantize,
+    with_codebooks,
+)
 from prunejax.report import LayerSize, SizeReport, size_report
 from prunejax.schedules import (
     constant_sparsity,
@@ -134,6 +143,7 @@ __all__ = [
     "MLP",
     "MovementState",
     "PruningState",
+    "Quantized",
     "RoundResult",
     "SizeReport",
     "SparsityReport",
@@ -141,6 +151,8 @@ __all__ = [
     "apply_masks",
     "batches",
     "block_masks",
+    "codebook_grads",
+    "codebooks",
     "combine",
     "compact",
     "compaction_plan",
@@ -151,6 +163,7 @@ __all__ = [
     "custom_sparsity",
     "dense_layers",
     "densify",
+    "dequantize",
     "dst_masks",
     "dynamic_sparse",
     "erk_sparsity",
@@ -165,6 +178,7 @@ __all__ = [
     "import_tuning",
     "iterative_pruning",
     "iterative_sparsity",
+    "kmeans_quantize",
     "load",
     "load_checkpoint",
     "load_header",
@@ -200,6 +214,8 @@ __all__ = [
     "sparsify",
     "sparsity_report",
     "threshold_masks",
+    "uniform_quantize",
     "uniform_sparsity",
     "unit_masks",
+    "with_codebooks",
 ]
