@@ -400,11 +400,9 @@ def load(
         limit.
       max_elements: the most entries the loaded params may hold in total (``None``: no limit
         besides ``max_bytes``).
-      like: a template container of the saved kind (an Equinox module: its class and functions
-        are not in the file, so it is needed to get a module back, as with
-        ``eqx.tree_deserialise_leaves``; an ``nnx.State``: optional).  The loaded arrays are put
-        into it (their shapes may differ from the template's: a compacted file); its leaf paths
-        must be those of the file.
+      like: a template of the saved container, whose leaf paths must be the file's (needed to
+        get an Equinox module back, as in ``eqx.tree_deserialise_leaves``: the file holds no
+        code; optional for an ``nnx.State``); shapes may differ (a compacted file).
       quantized: give quantized leaves back as ``prunejax.quantize.Quantized`` (bit-exact codes,
         codebook and mask) instead of their dequantized values.
 
