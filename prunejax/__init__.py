@@ -78,6 +78,7 @@ from prunejax.sparse import (
     formats_of,
     import_tuning,
     predict_times,
+    sparse_apply,
     sparsify,
 )
 from prunejax.transforms import (
@@ -209,6 +210,7 @@ __all__ = [
     "snip_masks",
     "snip_masks_from_batch",
     "snip_scores",
+    "sparse_apply",
     "sparsify",
     "sparsity_report",
     "threshold_masks",

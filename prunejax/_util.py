@@ -20,6 +20,7 @@ import os
 import re
 import socket
 import stat
+import sys
 import tempfile
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
@@ -77,6 +78,12 @@ __all__ = [
     "atomic_write_bytes",
     "atomic_write_text",
     "cache_dir",
+    "LAYOUTS",
+    "Unwrapped",
+    "check_layout",
+    "swap_kernel",
+    "unwrap",
+    "rewrap_record",
 ]
 
 
@@ -89,10 +96,12 @@ def path_str(keypath: tuple) -> str:
 
 def is_matrix_object(x: Any) -> bool:
     """True for kernel objects that act as one leaf: ``jax.experimental.sparse`` matrices and
-    prunejax sparse kernels (anything with a ``__prunejax_kernel__`` attribute)."""
+    prunejax sparse kernels (instances of a class with a ``__prunejax_kernel__`` attribute; the
+    class is asked, not the instance, so that wrappers forwarding attribute access, such as Flax
+    NNX ``Variable``s, are not mistaken for the kernel they hold)."""
     from jax.experimental import sparse as jsparse
 
-    return isinstance(x, jsparse.JAXSparse) or hasattr(x, "__prunejax_kernel__")
+    return isinstance(x, jsparse.JAXSparse) or hasattr(type(x), "__prunejax_kernel__")
 
 
 def ndim(x: Any) -> int:
@@ -936,3 +945,281 @@ def loads_json_bounded(
         raise ValueError(f"invalid JSON ({e})") from None
     except RecursionError:  # pragma: no cover - the depth check comes first
         raise ValueError("JSON nested too deeply") from None
+
+
+# ----------------------------------------------------------------------------- containers
+
+#: The kernel layouts: ``"in_out"`` (Flax, Keras, prunejax: ``y = x @ W``) and ``"out_in"``
+#: (Equinox ``Linear``, PyTorch: ``y = W @ x``).
+LAYOUTS = ("in_out", "out_in")
+
+
+@dataclass(frozen=True)
+class Unwrapped:
+    """A model container seen as a plain tree (see :func:`unwrap`).
+
+    Attributes:
+      kind: ``"tree"`` (dicts, lists, tuples, Flax ``FrozenDict``: nothing to unwrap, though
+        ``layout="out_in"`` transposes its kernels), ``"nnx.State"`` or ``"equinox"``.
+      tree: the arrays as a plain nested dict (or the input itself for ``"tree"``), with every
+        ``(out, in)`` kernel transposed to ``(in, out)``.
+      out_in: the paths (in ``tree``) of the kernels that were transposed.
+      record: a JSON description of the container for files (``None`` for a ``"tree"`` with
+        nothing transposed): ``{"kind": "nnx.State", "variables": {path: Variable type}}``,
+        ``{"kind": "equinox", "class": name, "out_in": [paths]}`` or
+        ``{"kind": "tree", "out_in": [paths]}``.
+      rewrap: ``rewrap(tree, transpose=True)`` builds the container back from a tree of the same
+        keys (leaf shapes may differ: compacted); ``transpose=False`` when the ``out_in`` leaves
+        are already in the container's orientation.
+    """
+
+    kind: str
+    tree: Any
+    out_in: frozenset[str]
+    record: dict | None
+    rewrap: Callable[..., Any]
+
+
+def check_layout(layout: Any) -> str | None:
+    """``layout`` checked: ``None`` (detect), ``"in_out"`` or ``"out_in"``.
+
+    Raises:
+      ValueError: any other value.
+    """
+    if layout is not None and layout not in LAYOUTS:
+        raise ValueError(f"layout must be None, 'in_out' or 'out_in', got {layout!r}")
+    return layout
+
+
+def swap_kernel(path: str, leaf: Any) -> Any:
+    """The transpose of a 2-D kernel: arrays by ``swapaxes``, kernel objects by their ``.T``.
+
+    Raises:
+      TypeError: a kernel object without ``.T``, or a leaf that is not 2-D.
+    """
+    if ndim(leaf) != 2:
+        raise TypeError(f"leaf {path!r} of shape {np.shape(leaf)} is not a 2-D kernel")
+    if is_matrix_object(leaf):
+        if not hasattr(leaf, "T"):
+            raise TypeError(
+                f"leaf {path!r} is a {type(leaf).__name__} in an (out, in) position, which cannot "
+                "be transposed; build it with prunejax.sparsify on the container"
+            )
+        return leaf.T
+    return leaf.T if isinstance(leaf, np.ndarray) else jnp.swapaxes(leaf, 0, 1)
+
+
+def _keyname(k: Any) -> Any:
+    if isinstance(k, jax.tree_util.GetAttrKey):
+        return k.name
+    if isinstance(k, jax.tree_util.SequenceKey):
+        return k.idx
+    if isinstance(k, jax.tree_util.DictKey):
+        return k.key
+    if isinstance(k, jax.tree_util.FlattenedIndexKey):
+        return k.key
+    raise TypeError(f"unsupported key {k!r}")  # pragma: no cover
+
+
+def _nested(keypaths: list[tuple], leaves: list[Any]) -> dict:
+    """A nested dict holding ``leaves`` at the key names of ``keypaths``."""
+    root: dict = {}
+    for kp, leaf in zip(keypaths, leaves, strict=True):
+        node = root
+        for k in kp[:-1]:
+            node = node.setdefault(_keyname(k), {})
+        node[_keyname(kp[-1])] = leaf
+    return root
+
+
+def _lookup(tree: Any, keypath: tuple, what: str) -> Any:
+    node = tree
+    for k in keypath:
+        name = _keyname(k)
+        if not isinstance(node, Mapping) or name not in node:
+            raise ValueError(f"{what}: the tree has no leaf at {path_str(keypath)!r}")
+        node = node[name]
+    return node
+
+
+def _transposer(out_in: frozenset[str]) -> Callable[[Any, bool], Any]:
+    """Swap the kernels at the ``out_in`` paths of a tree (when ``on``)."""
+
+    def swap(tree: Any, on: bool) -> Any:
+        if not on or not out_in:
+            return tree
+        flat, treedef = jax.tree_util.tree_flatten_with_path(tree, is_leaf=is_matrix_object)
+        leaves = [
+            swap_kernel(path_str(kp), leaf) if path_str(kp) in out_in else leaf for kp, leaf in flat
+        ]
+        return jax.tree_util.tree_unflatten(treedef, leaves)
+
+    return swap
+
+
+def _unwrap_nnx(state: Any) -> Unwrapped:
+    from flax import nnx
+
+    def is_var(x: Any) -> bool:
+        return isinstance(x, nnx.Variable)
+
+    flat = jax.tree_util.tree_flatten_with_path(state, is_leaf=is_var)[0]
+    kinds = {path_str(kp): type(v).__name__ for kp, v in flat if is_var(v)}
+    tree = _nested(
+        [kp for kp, v in flat if is_var(v)], [v.get_value() for _, v in flat if is_var(v)]
+    )
+
+    def rewrap(new: Any, transpose: bool = True) -> Any:
+        del transpose
+        out = jax.tree_util.tree_map(lambda x: x, state, is_leaf=is_var)
+        nnx.replace_by_pure_dict(out, new)
+        return out
+
+    record = {"kind": "nnx.State", "variables": kinds}
+    return Unwrapped("nnx.State", tree, frozenset(), record, rewrap)
+
+
+def _equinox_linear_weights(module: Any) -> frozenset[str]:
+    """The paths of the ``(out, in)`` weights of the ``equinox.nn.Linear`` layers of a module."""
+    import equinox as eqx
+
+    def is_linear(x: Any) -> bool:
+        return isinstance(x, eqx.nn.Linear)
+
+    flat = jax.tree_util.tree_flatten_with_path(module, is_leaf=is_linear)[0]
+    out = set()
+    for kp, node in flat:
+        if is_linear(node) and ndim(node.weight) == 2:
+            out.add(path_str(kp + (jax.tree_util.GetAttrKey("weight"),)))
+    return frozenset(out)
+
+
+def _fix_linear_features(module: Any) -> Any:
+    """Set ``in_features``/``out_features`` of every ``equinox.nn.Linear`` of a freshly built
+    module to its (possibly compacted) weight's shape."""
+    import equinox as eqx
+
+    def fix(x: Any) -> Any:
+        if isinstance(x, eqx.nn.Linear) and ndim(x.weight) == 2 and hasattr(x.weight, "shape"):
+            out_f, in_f = x.weight.shape
+            if x.in_features != "scalar":
+                object.__setattr__(x, "in_features", int(in_f))
+            if x.out_features != "scalar":
+                object.__setattr__(x, "out_features", int(out_f))
+        return x
+
+    return jax.tree_util.tree_map(
+        fix, module, is_leaf=lambda x: isinstance(x, eqx.nn.Linear) or is_matrix_object(x)
+    )
+
+
+def _unwrap_equinox(module: Any, layout: str | None) -> Unwrapped:
+    import equinox as eqx
+
+    def is_param(x: Any) -> bool:
+        return eqx.is_array(x) or is_matrix_object(x)
+
+    arrays, static = eqx.partition(module, is_param, is_leaf=is_matrix_object)
+    flat, treedef = jax.tree_util.tree_flatten_with_path(arrays, is_leaf=is_matrix_object)
+    keypaths = [kp for kp, _ in flat]
+    paths = [path_str(kp) for kp in keypaths]
+    if layout is None:
+        out_in = _equinox_linear_weights(module)
+    else:
+        out_in = frozenset(
+            p
+            for p, (_, leaf) in zip(paths, flat, strict=True)
+            if layout == "out_in" and ndim(leaf) == 2
+        )
+    swap = _transposer(out_in)
+    tree = swap(_nested(keypaths, [leaf for _, leaf in flat]), True)
+
+    def rewrap(new: Any, transpose: bool = True) -> Any:
+        new = swap(new, transpose)
+        leaves = [_lookup(new, kp, "rebuilding the equinox module") for kp in keypaths]
+        built = jax.tree_util.tree_unflatten(treedef, leaves)
+        return _fix_linear_features(eqx.combine(built, static, is_leaf=is_matrix_object))
+
+    record = {"kind": "equinox", "class": type(module).__name__, "out_in": sorted(out_in)}
+    return Unwrapped("equinox", tree, out_in, record, rewrap)
+
+
+def _plain_out_in(tree: Any, layout: str | None) -> frozenset[str]:
+    if layout != "out_in":
+        return frozenset()
+    paths, leaves, _ = flatten(tree)
+    return frozenset(p for p, leaf in zip(paths, leaves, strict=True) if ndim(leaf) == 2)
+
+
+def unwrap(obj: Any, *, layout: str | None = None) -> Unwrapped:
+    """See a model container as a plain tree of ``(in, out)`` kernels, and build it back.
+
+    Containers: a Flax NNX ``nnx.State`` (its ``Variable`` wrappers dropped: the leaf at
+    ``fc1/kernel/value`` is ``tree["fc1"]["kernel"]``), an Equinox module (its arrays, as by
+    ``eqx.partition(module, eqx.is_array)``, in a nested dict keyed by attribute names and
+    sequence indices: ``layers/0/weight``; functions and other static fields are kept for the
+    rebuild) and any other pytree (dicts, Flax ``FrozenDict``s, lists, tuples: passed through).
+
+    Args:
+      obj: the container.
+      layout: the kernels' layout.  ``None`` (default) detects it: the weights of
+        ``equinox.nn.Linear`` layers are ``(out, in)``, every other kernel ``(in, out)``.
+        ``"out_in"``: every 2-D leaf is ``(out, in)`` (PyTorch-style state dicts);
+        ``"in_out"``: none is.
+
+    Returns:
+      An :class:`Unwrapped` whose ``tree`` has every ``(out, in)`` kernel transposed to
+      ``(in, out)`` and whose ``rewrap`` builds a container of ``obj``'s type back.
+
+    Raises:
+      ValueError: a bad ``layout``.
+    """
+    layout = check_layout(layout)
+    nnx = sys.modules.get("flax.nnx")
+    if nnx is not None and isinstance(obj, nnx.State):
+        return _unwrap_nnx(obj)
+    eqx = sys.modules.get("equinox")
+    if eqx is not None and isinstance(obj, eqx.Module):
+        return _unwrap_equinox(obj, layout)
+    out_in = _plain_out_in(obj, layout)
+    swap = _transposer(out_in)
+
+    def rewrap(new: Any, transpose: bool = True) -> Any:
+        return swap(new, transpose)
+
+    record = {"kind": "tree", "out_in": sorted(out_in)} if out_in else None
+    return Unwrapped("tree", swap(obj, True), out_in, record, rewrap)
+
+
+def rewrap_record(record: Any, tree: Any) -> Any:
+    """The container a file's ``record`` (``Unwrapped.record``) describes, built around ``tree``
+    without a template: an ``nnx.State`` with the recorded ``Variable`` types; for an Equinox
+    module (whose class and functions a file does not hold) and a plain tree, the plain tree
+    with the ``(out, in)`` kernels transposed back; ``tree`` itself for ``None``.
+
+    Raises:
+      ValueError: a malformed record or an unknown ``Variable`` type name.
+    """
+    if record is None:
+        return tree
+    if not isinstance(record, dict) or record.get("kind") not in ("nnx.State", "equinox", "tree"):
+        raise ValueError(f"unknown container record {record!r}")
+    if record["kind"] in ("equinox", "tree"):
+        out_in = record.get("out_in")
+        if not isinstance(out_in, list) or not all(isinstance(p, str) for p in out_in):
+            raise ValueError(f"malformed {record['kind']} container record")
+        return _transposer(frozenset(out_in))(tree, True)
+    from flax import nnx
+
+    kinds = record.get("variables")
+    if not isinstance(kinds, dict):
+        raise ValueError("malformed nnx.State container record")
+    flat, treedef = jax.tree_util.tree_flatten_with_path(tree, is_leaf=is_matrix_object)
+    leaves = []
+    for kp, leaf in flat:
+        name = kinds.get(path_str(kp))
+        cls = getattr(nnx, name, None) if isinstance(name, str) else None
+        if not (isinstance(cls, type) and issubclass(cls, nnx.Variable)):
+            raise ValueError(f"leaf {path_str(kp)!r}: unknown nnx Variable type {name!r}")
+        leaves.append(cls(leaf))
+    return nnx.State(jax.tree_util.tree_unflatten(treedef, leaves))

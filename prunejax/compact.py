@@ -44,6 +44,7 @@ from prunejax._util import (
     is_jax,
     is_matrix_object,
     is_traced,
+    unwrap,
 )
 
 __all__ = ["Compacted", "compact", "compaction_plan"]
@@ -169,7 +170,18 @@ def _plan(kernels: list[np.ndarray]) -> tuple[list[np.ndarray], list[np.ndarray]
     return alive, nz
 
 
-def compaction_plan(params: PyTree, *, masks: PyTree | None = None) -> list[np.ndarray]:
+def _container(params: PyTree, masks: PyTree | None, layout: str | None) -> tuple | None:
+    """``(Unwrapped, masks tree)`` when ``params`` is a container to unwrap (an ``nnx.State``,
+    an Equinox module, ``(out, in)`` kernels), ``None`` for a plain ``(in, out)`` tree."""
+    u = unwrap(params, layout=layout)
+    if u.kind == "tree" and not u.out_in:
+        return None
+    return u, None if masks is None else unwrap(masks, layout=layout).tree
+
+
+def compaction_plan(
+    params: PyTree, *, masks: PyTree | None = None, layout: str | None = None
+) -> list[np.ndarray]:
     """The units ``compact`` keeps, without computing the compacted weights.
 
     Which units die depends only on where the kernels are zero, never on the activation (the
@@ -177,12 +189,15 @@ def compaction_plan(params: PyTree, *, masks: PyTree | None = None) -> list[np.n
     It does not check whether folding is possible (see ``compact``).
 
     Args:
-      params: an MLP params pytree (see ``compact``).
+      params: an MLP params pytree, ``nnx.State`` or Equinox module (see ``compact``).
       masks: optional bool pytree of ``params``' structure (True = kept), applied first.
+      layout: the kernels' layout, as in ``compact``.
 
     Returns:
       One sorted ``int64`` index array per dense layer, as ``Compacted.kept``.
     """
+    if (inner := _container(params, masks, layout)) is not None:
+        return compaction_plan(inner[0].tree, masks=inner[1])
     mlp = _mlp(params, masks, what="compaction_plan")
     kernels = [mlp.leaves[layer.kernel] for layer in mlp.layers]
     alive, nz = _plan(kernels)
@@ -199,6 +214,7 @@ def compact(
     *,
     activation: Callable[[Any], Any] = jax.nn.relu,
     masks: PyTree | None = None,
+    layout: str | None = None,
 ) -> Compacted:
     """Physically remove the dead hidden units of a pruned MLP.
 
@@ -218,17 +234,19 @@ def compact(
     Args:
       params: an MLP: Flax-style ``{"Dense_0": {"kernel", "bias"}, ...}``, a Keras-style list
         ``[W1, b1, W2, b2, ...]`` or any pytree ``prunejax._util.dense_layers`` understands,
-        with dense ``(in, out)`` kernels, biases optional per layer.  Every leaf must belong to a
-        dense layer and consecutive layers must chain (``out_i == in_{i+1}``).  Kernels are
-        recognised by name (``kernel``/``weight``/``w``/``W``/``w1``/..., see
-        ``DenseLayer.kind``) or by position in a list/tuple; any other 2-D leaf (a dict entry
-        such as ``"embed"``) is refused, since an embedding table that happens to chain with a
-        dense layer would otherwise lose rows.  Pruned weights are
-        exact zeros (pass ``masks`` to apply a mask first).
+        with dense ``(in, out)`` kernels, biases optional per layer, or such an MLP as an
+        ``nnx.State`` or Equinox module (``prunejax._util.unwrap``; returned as one, Equinox
+        ``Linear`` widths updated).  Every leaf must belong to a dense layer and consecutive
+        layers must chain (``out_i == in_{i+1}``).  Kernels are recognised by name
+        (``kernel``/``weight``/``w``/``W``/``w1``/..., see ``DenseLayer.kind``) or by
+        position in a list/tuple; any other 2-D leaf (a dict entry such as ``"embed"``) is
+        refused, since an embedding table that happens to chain with a dense layer would
+        otherwise lose rows.  Pruned weights are exact zeros (or pass ``masks``).
       activation: the elementwise nonlinearity between layers (the same one the model uses).
         It must be a JAX-traceable function; it is evaluated on the biases of dead-on-input units.
-      masks: optional bool pytree of ``params``' structure (True = kept), applied before
-        compaction.
+      masks: optional bool pytree of ``params``' structure (True = kept), applied first.
+      layout: ``None`` detects Equinox ``Linear`` weights as ``(out, in)``; ``"out_in"``: every
+        2-D leaf is (PyTorch-style); ``"in_out"``: none is.
 
     Returns:
       ``Compacted(params, kept)`` (a ``NamedTuple``, so ``small, kept = compact(...)`` works):
@@ -238,14 +256,16 @@ def compact(
 
     Raises:
       ValueError: params are not an MLP chain (a leaf outside any dense layer, a 2-D leaf not
-        recognised as a kernel, mismatched shapes
-        between consecutive layers, a bias of the wrong length), a weight is NaN/inf, or a
-        nonzero constant cannot be folded (the message names the layers and units).
+        recognised as a kernel, mismatched shapes between consecutive layers, a bias of the
+        wrong length), a weight is NaN/inf, or a nonzero constant cannot be folded.
       TypeError: a leaf is traced (compaction is shape-changing, so it cannot be jitted), a
         sparse kernel object, or not a real-valued array; ``activation`` is not callable.
     """
     if not callable(activation):
         raise TypeError(f"activation must be callable, got {type(activation).__name__}")
+    if (inner := _container(params, masks, layout)) is not None:
+        small = compact(inner[0].tree, activation=activation, masks=inner[1])
+        return Compacted(inner[0].rewrap(small.params), small.kept)
     mlp = _mlp(params, masks)
     layers = mlp.layers
     kernels = [mlp.leaves[layer.kernel] for layer in layers]

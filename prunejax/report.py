@@ -40,8 +40,8 @@ from typing import Any
 import jax
 import numpy as np
 
-from prunejax._util import PyTree, dense_layers, flatten, is_int
-from prunejax.fileformat import EXTENSION, load_header, save
+from prunejax._util import PyTree, dense_layers, flatten, is_int, unwrap
+from prunejax.fileformat import EXTENSION, load_header, plan_container, save
 from prunejax.fileformat.plan import Plan, check_format, leaf_bytes, plan_tree
 from prunejax.quantize import dequantize, is_quantized
 
@@ -468,12 +468,16 @@ def size_report(
     activation: Callable | None = None,
     format: str = "auto",
     spatial: Mapping[str, tuple[int, ...]] | None = None,
+    layout: str | None = None,
 ) -> SizeReport:
     """Per-layer and total sizes, break-even densities, FLOPs and file sizes of a pruned model.
 
     Args:
-      params: a params pytree (any pytree ``prunejax.fileformat.save`` accepts); rows are its
-        dense layers (``prunejax._util.dense_layers``) plus one row per other leaf.
+      params: a params pytree (any pytree ``prunejax.fileformat.save`` accepts, an
+        ``nnx.State`` or an Equinox module); rows are its dense layers
+        (``prunejax._util.dense_layers`` of the unwrapped tree, ``prunejax._util.unwrap``: an
+        ``nnx.State``'s ``fc1/kernel/value`` is layer ``fc1``'s kernel, an Equinox ``Linear``
+        weight's shape is given ``(in, out)``) plus one row per other leaf.
       masks: optional bool pytree of ``params``' structure (True = kept), applied first.
       path: a file written by ``prunejax.fileformat.save`` to measure; by default the params are
         saved in ``format`` to a temporary file that is measured and deleted.
@@ -485,6 +489,7 @@ def size_report(
         (``{"Conv_0": (26, 26), "Conv_1": (24, 24)}``), for its FLOPs; conv layers it does not
         name get ``None`` FLOPs (see the module docstring).  A 3-D kernel that is no conv
         (a ``DenseGeneral`` ``(in, heads, head_dim)``) costs ``2 * size`` FLOPs: pass ``(1,)``.
+      layout: the kernels' layout, as in ``prunejax.fileformat.save``.
 
     Returns:
       A ``SizeReport``: ``str(report)`` is a readable table, ``report.to_dict()`` a dict.
@@ -494,10 +499,10 @@ def size_report(
         the leaf, mismatched masks, ...), or ``spatial`` naming something that is not a conv
         layer or a size of the wrong rank; ``FileNotFoundError`` if ``path`` does not exist.
     """
-    plans = _plans(params, masks, activation)
+    tree, plans = _container_plans(params, masks, activation, layout)
     member_bytes = {f: (None if p is None else p.bytes_per_leaf()) for f, p in plans.items()}
     paths = [m["path"] for m in plans["dense"].header["leaves"]]
-    groups = _row_groups(_plain(params), paths)
+    groups = _row_groups(_plain(tree), paths)
     spatial = {} if spatial is None else spatial
     _check_spatial(spatial, groups, paths, plans["dense"].leaves)
     rows = [_row(name, idx, kernel, plans, member_bytes, spatial) for name, idx, kernel in groups]
@@ -509,10 +514,12 @@ def size_report(
     else:
         with tempfile.TemporaryDirectory() as d:
             tmp = os.path.join(d, "model" + EXTENSION)
-            file_bytes = save(tmp, params, format=format, masks=masks, activation=activation)
+            file_bytes = save(
+                tmp, params, format=format, masks=masks, activation=activation, layout=layout
+            )
         file_format, file_path = check_format(format), None
-    measured = plans.get(file_format) or plan_tree(
-        params, format=file_format, masks=masks, activation=activation
+    measured = plans.get(file_format) or plan_container(
+        params, format=file_format, masks=masks, activation=activation, layout=layout
     )
     rows, breakdown = _with_parts(rows, groups, measured)
     return SizeReport(
@@ -523,6 +530,20 @@ def size_report(
         file_path=file_path,
         breakdown=breakdown,
     )
+
+
+def _container_plans(
+    params: PyTree, masks: PyTree | None, activation: Callable | None, layout: str | None
+) -> tuple[PyTree, dict[str, Plan | None]]:
+    """The unwrapped tree of ``params`` (``prunejax._util.unwrap``) and its plans, each header
+    with the container record ``save`` writes."""
+    u = unwrap(params, layout=layout)
+    mtree = None if masks is None else unwrap(masks, layout=layout).tree
+    plans = _plans(u.tree, mtree, activation)
+    for plan in plans.values():
+        if plan is not None and u.record is not None:
+            plan.header["container"] = u.record
+    return u.tree, plans
 
 
 def _plain(params: PyTree) -> PyTree:

@@ -82,7 +82,10 @@ size ``K``), ``kind``, ``index_bits`` and ``blob`` (the blob's bytes), and its `
 kept entries; a ``relative`` leaf adds ``index_bits`` and ``blob``, the bytes of its ``indices``)
 and ``compaction`` (``null``, or
 ``{"activation", "layers": [{"name", "kernel", "bias", "in", "out"}]}`` with leaf indices and the
-ORIGINAL layer widths).  ``structure`` is a JSON tree of nodes ``{"dict": [[key, node], ...]}``
+ORIGINAL layer widths), and, for params saved from an ``nnx.State``, an Equinox module or with
+``layout="out_in"``, ``container`` (``plan_container``: the container kind, NNX ``Variable``
+types, and the paths of the ``(out, in)`` kernels stored transposed).
+``structure`` is a JSON tree of nodes ``{"dict": [[key, node], ...]}``
 (keys are JSON strings or integers, one kind per dict), ``{"frozendict": [...]}`` (Flax
 ``FrozenDict``), ``{"list": [node, ...]}``, ``{"tuple": [...]}``, ``{"none": null}`` and
 ``{"leaf": index}``.
@@ -131,14 +134,14 @@ from collections.abc import Callable
 import jax.numpy as jnp
 import numpy as np
 
-from prunejax._util import PyTree, read_regular_file
+from prunejax._util import PyTree, flatten, read_regular_file, rewrap_record, unwrap
 from prunejax.fileformat import compaction, container, legacy
 from prunejax.fileformat.container import EXTENSION
 from prunejax.fileformat.dtypes import DTYPES
 from prunejax.fileformat.encodings import ROLES, decode, encode
 from prunejax.fileformat.errors import FileFormatError
 from prunejax.fileformat.header import header_members
-from prunejax.fileformat.plan import FORMATS, plan_tree
+from prunejax.fileformat.plan import FORMATS, Plan, plan_tree
 from prunejax.fileformat.structure import rebuild_structure
 from prunejax.quantize import Quantized
 
@@ -151,6 +154,7 @@ __all__ = [
     "save",
     "load",
     "load_header",
+    "plan_container",
 ]
 
 #: ``load``'s default ``max_bytes`` is ``max(DEFAULT_MIN_BYTES, DEFAULT_RATIO * file size)``.
@@ -165,6 +169,7 @@ def save(
     format: str = "auto",
     masks: PyTree | None = None,
     activation: Callable | None = None,
+    layout: str | None = None,
 ) -> int:
     """Save pruned params in a small form (the file format is described in the module docstring).
 
@@ -172,7 +177,8 @@ def save(
       path: destination file; written atomically (temporary file + ``os.replace``).  No suffix
         is added (``EXTENSION``, ``.safetensors``, is the conventional one).
       params: any pytree of arrays made of dicts, Flax ``FrozenDict``s, lists, tuples and
-        ``None`` (Flax params, Keras ``get_weights()`` lists, ...).  Sparse kernel objects are
+        ``None`` (Flax params, Keras ``get_weights()`` lists, ...), a Flax NNX ``nnx.State`` or
+        an Equinox module (its arrays; ``prunejax._util.unwrap``).  Sparse kernel objects are
         saved densified, ``prunejax.quantize.Quantized`` leaves as codes and codebook.  Pruned
         weights are exact zeros, or pass ``masks`` (not with quantized leaves, which hold theirs).
       format: ``"dense"``; ``"bitmask"``, ``"csr"`` or ``"bcoo"`` (for leaves with ``ndim >= 2``;
@@ -195,7 +201,7 @@ def save(
         not match, ``"compact"`` without ``activation`` or on params that are not an MLP.
       TypeError: an unsupported container, dict key or dtype, or traced leaves.
     """
-    plan = plan_tree(params, format=format, masks=masks, activation=activation)
+    plan = plan_container(params, format=format, masks=masks, activation=activation, layout=layout)
     members: list[tuple[str, np.ndarray]] = []
     for i, (arr, enc, meta) in enumerate(
         zip(plan.leaves, plan.encodings, plan.header["leaves"], strict=True)
@@ -209,6 +215,37 @@ def save(
     if [(n, a.shape, a.dtype) for n, a in members] != expected:  # pragma: no cover - internal
         raise AssertionError("member list does not match the plan")
     return container.write(path, plan.header, members)
+
+
+def plan_container(
+    params: PyTree,
+    *,
+    format: str,
+    masks: PyTree | None = None,
+    activation: Callable | None = None,
+    layout: str | None = None,
+) -> Plan:
+    """The plan of the file ``save`` writes for ``params`` of any container.
+
+    The container (``nnx.State``, Equinox module, plain tree) is unwrapped to a plain tree of
+    ``(in, out)`` kernels (``prunejax._util.unwrap``), planned by
+    ``prunejax.fileformat.plan.plan_tree``, and its record goes into the header as
+    ``"container"``: ``{"kind": "nnx.State", "variables": {path: Variable type}}``,
+    ``{"kind": "equinox", "class", "out_in": [paths]}`` or ``{"kind": "tree", "out_in": [...]}``
+    (absent for a plain tree with nothing transposed).
+
+    Args:
+      params, format, masks, activation, layout: as ``save``.
+
+    Returns:
+      The ``Plan``.
+    """
+    u = unwrap(params, layout=layout)
+    mtree = None if masks is None else unwrap(masks, layout=layout).tree
+    plan = plan_tree(u.tree, format=format, masks=mtree, activation=activation)
+    if u.record is not None:
+        plan.header["container"] = u.record
+    return plan
 
 
 def _read(path: str | os.PathLike) -> tuple[dict, dict[str, np.ndarray], int]:
@@ -346,6 +383,7 @@ def load(
     expand: bool = False,
     max_bytes: int | None = None,
     max_elements: int | None = None,
+    like: PyTree | None = None,
     quantized: bool = False,
 ) -> PyTree:
     """Load params saved by ``save`` (or a legacy version-1 ``.pjz``/``.npz`` ZIP file).
@@ -362,11 +400,16 @@ def load(
         limit.
       max_elements: the most entries the loaded params may hold in total (``None``: no limit
         besides ``max_bytes``).
+      like: a template of the saved container, whose leaf paths must be the file's (needed to
+        get an Equinox module back, as in ``eqx.tree_deserialise_leaves``: the file holds no
+        code; optional for an ``nnx.State``); shapes may differ (a compacted file).
       quantized: give quantized leaves back as ``prunejax.quantize.Quantized`` (bit-exact codes,
         codebook and mask) instead of their dequantized values.
 
     Returns:
-      Dense params of the tree kind that was saved (dict / Flax FrozenDict / list / tuple), each
+      Dense params of the container kind that was saved (dict / Flax FrozenDict / list / tuple /
+      ``nnx.State`` with the saved ``Variable`` types; an Equinox module with ``like``, else its
+      arrays as a nested dict keyed by attribute names, ``(out, in)`` weights as saved), each
       leaf a JAX array if it was one when saved and a NumPy array otherwise, with the saved
       dtypes.  They produce the same outputs as the saved (masked) params; a quantized leaf
       loads as ``prunejax.quantize.dequantize`` of it (exact centroids, exact zeros), or as the
@@ -412,4 +455,28 @@ def load(
         raise FileFormatError(f"{where!r}: {e}") from None
     if len(used) != len(leaves):
         raise FileFormatError(f"{where!r}: corrupted header (structure does not use every leaf)")
-    return tree
+    return _rewrap(where, header.get("container"), tree, like)
+
+
+def _rewrap(where: str, record: object, tree: PyTree, like: PyTree | None) -> PyTree:
+    """The loaded plain tree in its saved container (``like`` as the template, if given)."""
+    if like is None:
+        try:
+            return rewrap_record(record, tree)
+        except ValueError as e:
+            raise FileFormatError(f"{where!r}: corrupted header: {e}") from None
+    u = unwrap(like)
+    saved = record.get("out_in", []) if isinstance(record, dict) else []
+    if sorted(u.out_in) != saved:
+        raise ValueError(
+            f"{where!r}: like= has (out, in) kernels at {sorted(u.out_in)}, but the file stored "
+            f"{saved} transposed; pass a template of the saved model"
+        )
+    have = set(flatten(tree)[0])
+    want = set(flatten(u.tree)[0])
+    if have != want:
+        raise ValueError(
+            f"{where!r}: like= does not match the file: leaves missing from the file "
+            f"{sorted(want - have)[:5]}, not in like= {sorted(have - want)[:5]}"
+        )
+    return u.rewrap(tree)

@@ -73,8 +73,14 @@ and ``"block"`` on the compiled CPU kernels define no derivatives (``jax.grad`` 
 and fine-tune with dense masked kernels (``prunejax.masked``, ``prunejax.pruning``) and sparsify
 afterwards.
 
-Modules: ``convert`` (``sparsify``, ``densify``, ``format_of``), ``kernels`` (the kernel
-classes), ``auto`` (the cost model ``predict_times`` and the ``tune=True`` measurement),
+Any model, not only prunejax's MLP: ``sparse_apply(apply_fn)`` runs the user's own apply function
+(Flax linen, NNX, Equinox, Haiku-style) with the kernel objects in place of its dense kernels
+(``apply``).  ``sparsify``/``densify`` take an ``nnx.State`` or an Equinox module as well as
+plain pytrees; ``(out, in)`` kernels (Equinox ``Linear``) become ``TransposedKernel`` views.
+
+Modules: ``apply`` (``sparse_apply``), ``convert`` (``sparsify``, ``densify``, ``format_of``),
+``kernels`` (the kernel classes), ``auto`` (the cost model ``predict_times`` and the
+``tune=True`` measurement),
 ``tuning`` (this machine's calibration and measurements, their cache file, export/import),
 ``ffi`` (building and registering the
 compiled CPU kernels, whose C++ sources are in ``csrc/``), ``gpu`` (the Pallas block-sparse
@@ -82,8 +88,16 @@ kernel ``"pallas_block"`` for NVIDIA GPUs, and ``auto``'s GPU candidates: on a G
 ``sparsify(..., "auto")`` times them per layer and keeps dense unless a form is measured faster).
 """
 
+from prunejax.sparse.apply import sparse_apply
 from prunejax.sparse.auto import predict_times
-from prunejax.sparse.convert import FORMATS, densify, format_of, formats_of, sparsify
+from prunejax.sparse.convert import (
+    FORMATS,
+    TransposedKernel,
+    densify,
+    format_of,
+    formats_of,
+    sparsify,
+)
 from prunejax.sparse.gpu import PallasBlockKernel, choose_gpu_format, gpu_candidates
 from prunejax.sparse.kernels import (
     BCSRKernel,
@@ -104,6 +118,7 @@ __all__ = [
     "EllKernel",
     "NMKernel",
     "PallasBlockKernel",
+    "TransposedKernel",
     "calibrate",
     "choose_gpu_format",
     "densify",
@@ -113,5 +128,6 @@ __all__ = [
     "gpu_candidates",
     "import_tuning",
     "predict_times",
+    "sparse_apply",
     "sparsify",
 ]

@@ -1,6 +1,12 @@
 """``sparsify`` and ``densify``: between dense ``(in, out)`` kernels and prunejax's kernel objects.
 
 ``format_of`` / ``formats_of`` name the format of a leaf / of every kernel of a pytree.
+
+Containers: ``sparsify`` and ``densify`` take any pytree, a Flax NNX ``nnx.State`` or an Equinox
+module (``prunejax._util.unwrap``) and return the same kind of container.  A kernel stored
+``(out, in)`` (an ``equinox.nn.Linear`` weight, used as ``W @ x``; or every 2-D leaf with
+``layout="out_in"``) becomes a :class:`TransposedKernel`: a view of shape ``(out, in)`` on the
+kernel object of ``W.T``, so that the fast ``x @ W.T`` of every format computes ``W @ x``.
 """
 
 from __future__ import annotations
@@ -22,6 +28,8 @@ from prunejax._util import (
     is_matrix_object,
     is_traced,
     select,
+    swap_kernel,
+    unwrap,
 )
 from prunejax.sparse import gpu
 from prunejax.sparse.auto import auto_format, layer_kernels
@@ -34,7 +42,7 @@ from prunejax.sparse.kernels import (
     NMKernel,
 )
 
-__all__ = ["FORMATS", "densify", "format_of", "formats_of", "sparsify"]
+__all__ = ["FORMATS", "TransposedKernel", "densify", "format_of", "formats_of", "sparsify"]
 
 FORMATS = (
     "auto",
@@ -49,6 +57,76 @@ FORMATS = (
     "nm",
     "pallas_block",
 )
+
+
+@jax.tree_util.register_pytree_node_class
+class TransposedKernel:
+    """A kernel ``W`` stored ``(out, in)`` and used as ``W @ x`` (Equinox ``Linear``, PyTorch):
+    a view on ``inner``, a kernel object (or array) of ``W.T`` of shape ``(in, out)``.
+
+    ``shape`` is ``(out, in)``; ``todense()`` gives ``W``; ``W @ x`` (``x`` of shape ``(in,)`` or
+    ``(in, k)``) and ``x @ W.T`` run ``inner``'s own product; ``.T`` is ``inner``.
+    ``prunejax.sparse_apply`` runs a model's ``W @ x`` through it.  Built by ``sparsify``.
+    """
+
+    __prunejax_kernel__ = True
+    __array_ufunc__ = None
+
+    def __init__(self, inner: Any):
+        self.inner = inner
+
+    def tree_flatten(self) -> tuple[tuple, None]:
+        return (self.inner,), None
+
+    @classmethod
+    def tree_unflatten(cls, aux: None, children: tuple) -> TransposedKernel:
+        del aux
+        return cls(*children)
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        n_in, n_out = self.inner.shape
+        return (n_out, n_in)
+
+    @property
+    def ndim(self) -> int:
+        return 2
+
+    @property
+    def dtype(self) -> Any:
+        return self.inner.dtype
+
+    @property
+    def format(self) -> str:
+        return format_of(self.inner)
+
+    @property
+    def nse(self) -> int:
+        return int(getattr(self.inner, "nse", np.size(self.inner)))
+
+    @property
+    def nbytes(self) -> int:
+        return int(sum(a.nbytes for a in jax.tree_util.tree_leaves(self.inner)))
+
+    @property
+    def T(self) -> Any:  # noqa: N802 - the array attribute's name
+        return self.inner
+
+    def todense(self) -> jax.Array:
+        inner = self.inner.todense() if is_matrix_object(self.inner) else self.inner
+        return jnp.swapaxes(jnp.asarray(inner), 0, 1)
+
+    def __matmul__(self, x: Any) -> jax.Array:
+        x = jnp.asarray(x)
+        if x.ndim == 1:
+            return x @ self.inner
+        return jnp.swapaxes(jnp.swapaxes(x, -1, -2) @ self.inner, -1, -2)
+
+    def __rmatmul__(self, x: Any) -> jax.Array:
+        return jnp.asarray(x) @ self.todense()
+
+    def __repr__(self) -> str:
+        return f"TransposedKernel(shape={self.shape}, inner={self.inner!r})"
 
 
 def format_of(leaf: Any) -> str:
@@ -87,18 +165,22 @@ def formats_of(params: PyTree) -> dict[str, str]:
     }
 
 
-def densify(params: PyTree) -> PyTree:
+def densify(params: PyTree, *, layout: str | None = None) -> PyTree:
     """Turn every sparse kernel object of ``params`` back into a dense ``(in, out)`` array.
 
     Args:
-      params: a pytree possibly holding ``jax.experimental.sparse`` matrices or prunejax kernels.
+      params: a pytree, ``nnx.State`` or Equinox module possibly holding
+        ``jax.experimental.sparse`` matrices or prunejax kernels.
+      layout: the kernels' layout, as in :func:`sparsify`.
 
     Returns:
-      The same pytree with dense JAX arrays in their place (other leaves untouched).
+      The same container with dense JAX arrays in their place (other leaves untouched); a
+      :class:`TransposedKernel` becomes its dense ``(out, in)`` array.
     """
-    paths, leaves, treedef = flatten(params)
+    u = unwrap(params, layout=layout)
+    paths, leaves, treedef = flatten(u.tree)
     out = [leaf.todense() if is_matrix_object(leaf) else leaf for leaf in leaves]
-    return jax.tree_util.tree_unflatten(treedef, out)
+    return u.rewrap(jax.tree_util.tree_unflatten(treedef, out))
 
 
 def _check_nm(nm: Any) -> tuple[int, int]:
@@ -176,6 +258,7 @@ def sparsify(
     block: tuple[int, int] = (16, 16),
     nm: tuple[int, int] = (2, 4),
     tune: bool = False,
+    layout: str | None = None,
 ) -> PyTree:
     """Turn each selected kernel into a sparse kernel object that supports ``x @ W`` in jit.
 
@@ -184,8 +267,10 @@ def sparsify(
     on XLA (see ``prunejax.sparse`` and ``FORMATS``).
 
     Args:
-      params: any pytree of arrays; kernels are ``(in, out)`` and used as ``x @ W``.  Leaves that
-        already are sparse kernel objects are converted from their dense form.
+      params: any pytree of arrays, a Flax NNX ``nnx.State`` or an Equinox module; kernels are
+        ``(in, out)`` and used as ``x @ W``, except those ``layout`` says are ``(out, in)``.
+        Leaves that already are sparse kernel objects are converted from their dense form.
+        Run any model on the result with ``prunejax.sparse_apply``.
       format: one of ``FORMATS``.
       batch_size: the inference batch size; required by ``"auto"``, ignored otherwise.
       where: ``(path, leaf) -> bool`` selecting the leaves to convert (default: every leaf of
@@ -200,9 +285,13 @@ def sparsify(
         per layer shape, pattern and batch size on this machine, so a second call measures
         nothing (``prunejax.sparse.auto.tune_format``; ``predict_times(..., measured=True)``
         shows them).  Costs a compilation and a few timed calls per candidate and layer.
+      layout: ``None``: Equinox ``Linear`` weights are ``(out, in)``; ``"out_in"``: every 2-D
+        leaf is; ``"in_out"``: none.  ``(out, in)`` kernels become :class:`TransposedKernel`.
+        ``where=`` sees the unwrapped tree (``prunejax._util.unwrap``).
 
     Returns:
-      ``params`` with each selected kernel replaced by its sparse form.  ``"dense"`` gives a
+      ``params`` (the same kind of container) with each selected kernel replaced by its
+      sparse form.  ``"dense"`` gives a
       plain ``jax.Array``; so does ``"auto"`` where dense wins, except at batch 1 with the
       compiled CPU kernels (fp32), where a layer kernel (a ``kernel``/``weight``/``w`` leaf, or
       a 2-D leaf followed by its bias) that stays dense becomes ``"dense_t"`` (with ``tune``:
@@ -218,6 +307,8 @@ def sparsify(
     _check_args(format, batch_size, tune)
     block = check_block(block)
     nm = _check_nm(nm)
+    u = unwrap(params, layout=layout)
+    params = u.tree
     paths, leaves, treedef = flatten(params)
 
     def default(path: str, leaf: Any) -> bool:
@@ -225,23 +316,41 @@ def sparsify(
 
     selected = select(paths, leaves, where if where is not None else default)
     layers = layer_kernels(params, paths) if format == "auto" else set()
-    out = []
-    for p, leaf, s in zip(paths, leaves, selected, strict=True):
-        if not s:
-            out.append(leaf)
-            continue
-        w = _concrete_kernel(p, leaf)
-        if format == "auto" and jax.default_backend() == "gpu":
-            out.append(auto_gpu(w, int(batch_size)))  # type: ignore[arg-type]
-            continue
-        fmt = format
-        if format == "auto":
-            build = functools.partial(_to_format, w, path=p, block=block, nm=nm)
-            fmt = auto_format(
-                w, int(batch_size), block, layer_kernel=p in layers, tune=tune, build=build
-            )  # type: ignore[arg-type]
-        out.append(_to_format(w, fmt, p, block, nm))
-    return jax.tree_util.tree_unflatten(treedef, out)
+    out = [
+        _convert(p, leaf, format, batch_size, block, nm, tune=tune, layer=p in layers)
+        if s
+        else leaf
+        for p, leaf, s in zip(paths, leaves, selected, strict=True)
+    ]
+    out = [
+        (TransposedKernel(leaf) if is_matrix_object(leaf) else swap_kernel(p, leaf))
+        if p in u.out_in
+        else leaf
+        for p, leaf in zip(paths, out, strict=True)
+    ]
+    return u.rewrap(jax.tree_util.tree_unflatten(treedef, out), transpose=False)
+
+
+def _convert(
+    p: str,
+    leaf: Any,
+    format: str,  # noqa: A002
+    batch_size: int | None,
+    block: tuple[int, int],
+    nm: tuple[int, int],
+    *,
+    tune: bool,
+    layer: bool,
+) -> Any:
+    """One selected leaf in ``format`` (``"auto"`` resolved for it)."""
+    w = _concrete_kernel(p, leaf)
+    if format == "auto" and jax.default_backend() == "gpu":
+        return auto_gpu(w, int(batch_size))  # type: ignore[arg-type]
+    fmt = format
+    if format == "auto":
+        build = functools.partial(_to_format, w, path=p, block=block, nm=nm)
+        fmt = auto_format(w, int(batch_size), block, layer_kernel=layer, tune=tune, build=build)  # type: ignore[arg-type]
+    return _to_format(w, fmt, p, block, nm)
 
 
 def _concrete_kernel(path: str, leaf: Any) -> np.ndarray:
