@@ -57,7 +57,7 @@ import tempfile
 import time
 from collections.abc import Callable, Sequence
 from functools import partial
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -66,7 +66,20 @@ import optax
 
 import prunejax as pj
 from prunejax._util import atomic_path, atomic_write_text
-from prunejax.apps.mnist import TrainConfig, fit_scan, load_mnist, make_optimizer, shift_images
+from prunejax.apps.mnist import (
+    VALIDATION_SIZE,
+    TrainConfig,
+    fit_scan,
+    load_mnist,
+    make_optimizer,
+    shift_images,
+)
+from prunejax.transforms.masked import (
+    as_bool_masks,
+    mask_state,
+    updates_to_pruned_zero,
+    zero_where_pruned,
+)
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 NAME = "sparse_training"
@@ -74,6 +87,7 @@ NAME = "sparse_training"
 METHODS = {
     "oneshot": "one-shot magnitude + fine-tune",
     "gradual": "gradual magnitude (Zhu & Gupta)",
+    "movement": "gradual movement (Sanh et al.)",
     "snip": "SNIP at init",
     "set": "SET",
     "rigl": "RigL",
@@ -117,6 +131,8 @@ class Phase:
             return pj.masked(inner, aux)
         if self.kind == "gradual":
             return _gradual_tx(inner, aux, *self.tail)
+        if self.kind == "movement":
+            return movement_pruning(inner, aux, *self.tail)
         if self.kind in ("set", "rigl"):
             delta_t, t_end, alpha = self.tail
             build = pj.set_sparse if self.kind == "set" else pj.rigl
@@ -137,6 +153,67 @@ def _gradual_tx(
         return pj.magnitude_masks(p, {k: f * v for k, v in targets.items()})
 
     return pj.pruning(inner, mask_fn, progress, begin_step=begin, end_step=end, update_every=every)
+
+
+class MovementPruningState(NamedTuple):
+    """State of :func:`movement_pruning`: step count, masks, scores, the inner state."""
+
+    count: jax.Array
+    masks: Any
+    scores: Any
+    inner_state: Any
+
+
+def _rank_kept_only(scores: Any, masks: Any) -> Any:
+    """Scores shifted so the kept kernel entries are > 0 and the pruned ones exactly 0 (they
+    rank lowest, so a pruned weight never comes back)."""
+    pairs = [
+        (v, m)
+        for v, m in zip(jax.tree_util.tree_leaves(scores), jax.tree_util.tree_leaves(masks))
+        if v.ndim >= 2
+    ]
+    floor = jnp.min(jnp.stack([jnp.min(jnp.where(m, v, jnp.inf)) for v, m in pairs]))
+    return jax.tree_util.tree_map(
+        lambda v, m: jnp.where(m, v - floor + 1e-30, 0.0) if v.ndim >= 2 else v, scores, masks
+    )
+
+
+def movement_pruning(
+    inner: optax.GradientTransformation, targets: Any, begin: int, end: int, every: int, scope: str
+) -> optax.GradientTransformation:
+    """Gradual movement pruning (Sanh, Wolf & Rush 2020) on the polynomial schedule of
+    Zhu & Gupta (2017): every ``every`` steps the masks keep the kept weights with the highest
+    accumulated scores ``-sum_t w_t g_t`` (:func:`prunejax.movement`), at the schedule's
+    sparsity; a pruned weight never comes back (its score is ``-inf`` in the ranking).
+    """
+    progress = pj.polynomial_sparsity(0.0, 1.0, begin_step=begin, end_step=end, power=3.0)
+    mv = pj.movement()
+
+    def init_fn(params: Any) -> MovementPruningState:
+        masks = jax.tree_util.tree_map(lambda p: jnp.ones(jnp.shape(p), jnp.bool_), params)
+        return MovementPruningState(
+            jnp.zeros((), jnp.int32), masks, mv.init(params), inner.init(params)
+        )
+
+    def update_fn(updates: Any, state: MovementPruningState, params: Any = None) -> tuple:
+        _, scores = mv.update(updates, state.scores, params)
+        t = state.count
+        due = (t >= begin) & (t <= end) & ((t - begin) % every == 0)
+
+        def remask(_: None) -> Any:
+            f = progress(t)
+            s = _rank_kept_only(scores.scores, state.masks)
+            tgt = f * targets if scope == "global" else {k: f * v for k, v in targets.items()}
+            return as_bool_masks(pj.movement_masks(s, tgt, scope=scope))
+
+        masks = jax.lax.cond(due, remask, lambda _: state.masks, None)
+        updates = zero_where_pruned(updates, masks)
+        inner_state = mask_state(state.inner_state, masks)
+        new, inner_state = inner.update(updates, inner_state, params)
+        new = updates_to_pruned_zero(new, params, masks)
+        return new, MovementPruningState(t + 1, masks, scores, inner_state)
+
+    return optax.GradientTransformation(init_fn, update_fn)
 
 
 @jax.jit
@@ -161,6 +238,8 @@ class Engine:
         self.y = jax.device_put(jnp.asarray(data.y_train[:n]))
         self.xt = jax.device_put(jnp.asarray(data.x_test))
         self.yt = jax.device_put(jnp.asarray(data.y_test))
+        self.xv = None if data.x_val is None else jax.device_put(jnp.asarray(data.x_val))
+        self.yv = None if data.y_val is None else jax.device_put(jnp.asarray(data.y_val))
         self.n, self.batch, self.lr, self.wd = n, int(batch), float(lr), float(wd)
         self.steps_per_epoch = n // self.batch
         if shift < 0:
@@ -181,6 +260,12 @@ class Engine:
 
     def test_error(self, params: Any) -> float:
         return float(_errors(params, self.xt, self.yt)) / len(self.yt)
+
+    def val_error(self, params: Any) -> float | None:
+        """Error on the validation split (``None`` without one)."""
+        if self.xv is None:
+            return None
+        return float(_errors(params, self.xv, self.yv)) / len(self.yv)
 
 
 def _kernels_kept(params: Any) -> tuple[int, int]:
@@ -238,11 +323,13 @@ class SeedRun:
         if kept > mkept:
             raise AssertionError(f"{method}@{s}: {kept} nonzero kernel weights > {mkept} kept")
         err = self.eng.test_error(params)
+        val = self.eng.val_error(params)
         self.records.append(
             {
                 "method": method,
                 "sparsity": s,
                 "seed": self.seed,
+                "val_error": val,
                 "test_error": err,
                 "weights_kept": mkept,
                 "nonzero_weights": kept,
@@ -251,8 +338,9 @@ class SeedRun:
                 **extra,
             }
         )
+        vtxt = "" if val is None else f"val {100 * val:.2f}%  "
         self.log(
-            f"  seed {self.seed} {method:8s} s={s:.2f} error {100 * err:.2f}%  kept {mkept:,}/"
+            f"  seed {self.seed} {method:8s} s={s:.2f} {vtxt}test {100 * err:.2f}%  kept {mkept:,}/"
             f"{total:,}  {seconds:.1f}s"
         )
 
@@ -266,6 +354,7 @@ def _pretrain(run: SeedRun) -> None:
     )
     run.dense = dense
     dense_err = run.eng.test_error(dense)
+    dense_val = run.eng.val_error(dense)
     run.log(f"  seed {run.seed} dense pre-training: error {100 * dense_err:.2f}%  {run.t_pre:.1f}s")
     kept, total = _kernels_kept(dense)
     run.records.append(
@@ -273,6 +362,7 @@ def _pretrain(run: SeedRun) -> None:
             "method": "dense",
             "sparsity": 0.0,
             "seed": run.seed,
+            "val_error": dense_val,
             "test_error": dense_err,
             "weights_kept": total,
             "nonzero_weights": kept,
@@ -292,18 +382,19 @@ def _oneshot(run: SeedRun, s: float, target: Any, scope: str) -> None:
     run.record("oneshot", s, p, m, t + run.t_pre)
 
 
-def _gradual(run: SeedRun, s: float, target: Any, scope: str) -> None:
+def _gradual(run: SeedRun, s: float, target: Any, scope: str, kind: str = "gradual") -> None:
+    """Gradual magnitude (``kind="gradual"``) or movement (``"movement"``) pruning."""
     o = run.opts
     end = max(1, int(round(o.gradual_fraction * (o.finetune_epochs * run.eng.steps_per_epoch))))
     every = max(1, min(o.gradual_every, end))
 
     def go():
         tail = (0, end, every, scope)
-        p, st = run.train("gradual", run.dense, _jnp_targets(target), o.finetune_epochs, tail)
-        return p, pj.current_masks(st)
+        p, st = run.train(kind, run.dense, _jnp_targets(target), o.finetune_epochs, tail)
+        return p, (pj.current_masks(st) if kind == "gradual" else st.masks)
 
     (p, m), t = _timed(go)
-    run.record("gradual", s, p, m, t + run.t_pre)
+    run.record(kind, s, p, m, t + run.t_pre)
 
 
 def _snip(run: SeedRun, s: float) -> None:
@@ -348,6 +439,8 @@ def _at_sparsity(run: SeedRun, s: float) -> None:
         _oneshot(run, s, target, scope)
     if "gradual" in methods:
         _gradual(run, s, target, scope)
+    if "movement" in methods:
+        _gradual(run, s, target, scope, "movement")
     if "snip" in methods:
         _snip(run, s)
     for kind in ("set", "rigl", "static"):
@@ -413,7 +506,7 @@ def run_seed(eng: Engine, seed: int, opts: argparse.Namespace, log: Callable[[st
     """
     run = SeedRun(eng, seed, opts, log, init=_init(seed))
     methods = opts.methods
-    if any(m in methods for m in ("oneshot", "gradual", "lottery", "reinit")):
+    if any(m in methods for m in ("oneshot", "gradual", "movement", "lottery", "reinit")):
         _pretrain(run)
     for s in opts.sparsities:
         _at_sparsity(run, s)
@@ -435,6 +528,7 @@ def _summary(records: list[dict], sparsities: Sequence[float], methods: Sequence
             if not rs:
                 continue
             errs = [100 * r["test_error"] for r in rs]
+            vals = [100 * r["val_error"] for r in rs if r.get("val_error") is not None]
             secs = [r["seconds"] for r in rs]
             rows.append(
                 {
@@ -443,6 +537,8 @@ def _summary(records: list[dict], sparsities: Sequence[float], methods: Sequence
                     "seeds": len(rs),
                     "error_mean": statistics.fmean(errs),
                     "error_std": statistics.stdev(errs) if len(errs) > 1 else 0.0,
+                    "val_error_mean": statistics.fmean(vals) if vals else None,
+                    "val_error_std": statistics.stdev(vals) if len(vals) > 1 else 0.0,
                     "weights_kept": statistics.fmean(r["weights_kept"] for r in rs),
                     "weights_total": rs[0]["weights_total"],
                     "seconds_mean": statistics.fmean(secs),
@@ -515,8 +611,9 @@ def _markdown(meta: dict, rows: list[dict], dense_rows: list[dict]) -> str:
             "",
         ]
     lines += [
-        "| sparsity | method | test error % (mean ± std) | weights kept | wall time s |",
-        "| --- | --- | --- | --- | --- |",
+        "| sparsity | method | validation error % | test error % (mean ± std) | weights kept "
+        "| wall time s |",
+        "| --- | --- | --- | --- | --- | --- |",
     ]
     for s in sorted({r["sparsity"] for r in rows}):
         group = [r for r in rows if r["sparsity"] == s]
@@ -526,8 +623,10 @@ def _markdown(meta: dict, rows: list[dict], dense_rows: list[dict]) -> str:
             if r["error_mean"] == best:
                 err = f"**{err}**"
             kept = f"{r['weights_kept']:,.0f} ({100 * r['weights_kept'] / r['weights_total']:.2f}%)"
+            v = r.get("val_error_mean")
+            val = "—" if v is None else f"{v:.2f} ± {r['val_error_std']:.2f}"
             lines.append(
-                f"| {100 * s:.0f}% | {METHODS[r['method']]} | {err} | {kept} | "
+                f"| {100 * s:.0f}% | {METHODS[r['method']]} | {val} | {err} | {kept} | "
                 f"{r['seconds_mean']:.1f} |"
             )
     lines.append("")
@@ -634,6 +733,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--dst-end", type=float, default=0.75)
     p.add_argument("--snip-batch", type=int, default=128)
     p.add_argument("--train-limit", type=int, default=None, help="use only N training examples")
+    p.add_argument(
+        "--validation",
+        type=int,
+        default=VALIDATION_SIZE,
+        help="hold out the last N training images as the validation split (0: none)",
+    )
     opts = p.parse_args(argv)
     if opts.quick:
         opts.seeds = [0]
@@ -669,7 +774,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     def log(msg: str) -> None:
         print(f"[{time.perf_counter() - t_start:7.1f}s] {msg}", flush=True)
 
-    data = load_mnist()
+    data = load_mnist(validation=opts.validation)
     eng = Engine(data, opts.batch, opts.lr, opts.train_limit, opts.weight_decay, opts.shift)
     log(
         f"MNIST: {eng.n} training examples, {eng.steps_per_epoch} steps/epoch; "

@@ -24,12 +24,14 @@ from prunejax.apps.mnist.checkpoint import (
 from prunejax.apps.mnist.data import (
     MNIST,
     MNIST_TRAIN_LABEL_COUNTS,
+    VALIDATION_SIZE,
     batch_indices,
     batches,
     epoch_order,
     find_data_dir,
     load_mnist,
     num_batches,
+    split_validation,
 )
 from prunejax.apps.mnist.optimizer import make_optimizer
 from prunejax.apps.mnist.recipe import (
@@ -62,6 +64,7 @@ __all__ = [
     "FitResult",
     "RoundResult",
     "TrainConfig",
+    "VALIDATION_SIZE",
     "batch_indices",
     "batches",
     "classifier_loss",
@@ -86,5 +89,6 @@ __all__ = [
     "save_checkpoint",
     "scan_epoch",
     "shift_images",
+    "split_validation",
     "train_step",
 ]
