@@ -268,6 +268,12 @@ class Engine:
         return float(_errors(params, self.xv, self.yv)) / len(self.yv)
 
 
+def _shown(val: float | None, test: float) -> str:
+    """The error a progress line shows: validation when there is a split (the test error goes
+    to the JSON only, so nobody tunes on it by watching the log), else test."""
+    return f"test error {100 * test:.2f}%" if val is None else f"val error {100 * val:.2f}%"
+
+
 def _kernels_kept(params: Any) -> tuple[int, int]:
     leaves = [np.asarray(x) for x in jax.tree_util.tree_leaves(params) if np.ndim(x) >= 2]
     return int(sum(np.count_nonzero(x) for x in leaves)), int(sum(x.size for x in leaves))
@@ -338,9 +344,8 @@ class SeedRun:
                 **extra,
             }
         )
-        vtxt = "" if val is None else f"val {100 * val:.2f}%  "
         self.log(
-            f"  seed {self.seed} {method:8s} s={s:.2f} {vtxt}test {100 * err:.2f}%  kept {mkept:,}/"
+            f"  seed {self.seed} {method:8s} s={s:.2f} {_shown(val, err)}  kept {mkept:,}/"
             f"{total:,}  {seconds:.1f}s"
         )
 
@@ -355,7 +360,8 @@ def _pretrain(run: SeedRun) -> None:
     run.dense = dense
     dense_err = run.eng.test_error(dense)
     dense_val = run.eng.val_error(dense)
-    run.log(f"  seed {run.seed} dense pre-training: error {100 * dense_err:.2f}%  {run.t_pre:.1f}s")
+    shown = _shown(dense_val, dense_err)
+    run.log(f"  seed {run.seed} dense pre-training: {shown}  {run.t_pre:.1f}s")
     kept, total = _kernels_kept(dense)
     run.records.append(
         {
