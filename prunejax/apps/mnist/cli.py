@@ -31,6 +31,7 @@ from tqdm.auto import tqdm
 
 import prunejax as pj
 from prunejax._util import atomic_write_text
+from prunejax.apps.mnist import compress
 from prunejax.apps.mnist.augment import random_shift
 from prunejax.apps.mnist.checkpoint import save_checkpoint
 from prunejax.apps.mnist.data import load_mnist, num_batches
@@ -162,6 +163,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--resume", action="store_true", help="continue from the checkpoints in --out")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    compress.add_parser(sub)
     return parser
 
 
@@ -620,6 +622,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parser.parse_args(argv)
     args.argv = argv
+    if args.command == "compress":
+        try:
+            compress.run(args, log=say)
+        except KeyboardInterrupt:
+            return 130
+        except (ValueError, TypeError, FileNotFoundError) as e:
+            print(f"prunejax: error: {e}", file=sys.stderr)
+            return 2
+        except FloatingPointError as e:
+            print(f"prunejax: training failed: {e}", file=sys.stderr)
+            return 1
     if args.command == "mnist":
         try:
             run_mnist(args)
