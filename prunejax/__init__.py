@@ -55,6 +55,15 @@ from prunejax.masks import (
     unit_masks,
 )
 from prunejax.models import MLP, MaskableDense, mlp_apply
+from prunejax.quantize import (
+    Quantized,
+    codebook_grads,
+    codebooks,
+    dequantize,
+    kmeans_quantize,
+    uniform_quantize,
+    with_codebooks,
+)
 from prunejax.report import LayerSize, SizeReport, size_report
 from prunejax.schedules import (
     constant_sparsity,
@@ -133,6 +142,7 @@ __all__ = [
     "MLP",
     "MovementState",
     "PruningState",
+    "Quantized",
     "RoundResult",
     "SizeReport",
     "SparsityReport",
@@ -140,6 +150,8 @@ __all__ = [
     "apply_masks",
     "batches",
     "block_masks",
+    "codebook_grads",
+    "codebooks",
     "combine",
     "compact",
     "compaction_plan",
@@ -150,6 +162,7 @@ __all__ = [
     "custom_sparsity",
     "dense_layers",
     "densify",
+    "dequantize",
     "dst_masks",
     "dynamic_sparse",
     "erk_sparsity",
@@ -164,6 +177,7 @@ __all__ = [
     "import_tuning",
     "iterative_pruning",
     "iterative_sparsity",
+    "kmeans_quantize",
     "load",
     "load_checkpoint",
     "load_header",
@@ -198,6 +212,8 @@ __all__ = [
     "sparsify",
     "sparsity_report",
     "threshold_masks",
+    "uniform_quantize",
     "uniform_sparsity",
     "unit_masks",
+    "with_codebooks",
 ]
