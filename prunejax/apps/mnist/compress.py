@@ -54,6 +54,7 @@ from prunejax.apps.mnist.optimizer import make_optimizer
 from prunejax.apps.mnist.plots import plot_error_vs_size
 from prunejax.apps.mnist.recipe import layer_densities
 from prunejax.apps.mnist.train import TrainConfig, fit_scan
+from prunejax.quantize import is_quantized
 
 __all__ = [
     "ALLOCATIONS",
@@ -296,8 +297,8 @@ def fixed_width_bytes(q: PyTree, index_bits: int = 5) -> int:
     """
     total = 0
     span = 2**index_bits - 1
-    for leaf in jax.tree_util.tree_leaves(q, is_leaf=pj.is_quantized):
-        if not pj.is_quantized(leaf):
+    for leaf in jax.tree_util.tree_leaves(q, is_leaf=is_quantized):
+        if not is_quantized(leaf):
             total += 4 * int(np.size(leaf))
             continue
         pos = np.flatnonzero(np.asarray(leaf.mask).ravel())
