@@ -6,6 +6,9 @@ Methods (every one built from prunejax's public pieces, Adam with a cosine learn
   fine-tune with ``masked``.
 * ``gradual magnitude`` (Zhu & Gupta 2017): from the same dense network, prune along the
   polynomial schedule with ``pruning`` during the fine-tuning, then train with the final masks.
+* ``gradual movement`` (Sanh, Wolf & Rush 2020): the same schedule from the same dense network,
+  but the masks keep the weights with the highest movement scores ``-sum_t w_t g_t``
+  (:func:`prunejax.movement`, accumulated during the fine-tuning) instead of the largest ones.
 * ``SNIP at init`` (Lee et al. 2019): one-batch connection sensitivity at initialisation
   (global ranking, as in the paper), then masked training from scratch.
 * ``SET`` (Mocanu et al. 2018) and ``RigL`` (Evci et al. 2020): dynamic sparse training from
@@ -34,6 +37,9 @@ own training plus the dense pre-training it builds on (lottery ticket: plus ever
 round).  Training is the MNIST application's whole-epoch runner
 (:func:`prunejax.apps.mnist.fit_scan`: jitted ``lax.scan`` epochs with the full training set on
 the device, :func:`prunejax.apps.mnist.shift_images` inside the scan).
+Training uses the first 50,000 training images; the last 10,000 are the validation split
+(``--validation``) on which the settings were chosen; every run records its validation and test
+error, and progress lines show the validation error only.
 ``SETTINGS_NOTE`` (printed in the report) says how these settings were chosen.
 
 Outputs (``--out``, default ``benchmarks/results``; ``--quick`` defaults to a temporary folder):
@@ -580,7 +586,13 @@ def _markdown(meta: dict, rows: list[dict], dense_rows: list[dict]) -> str:
         f"Seeds {o['seeds']}; batch {o['batch']}; Adam lr {o['lr']} with cosine decay per phase; "
         f"train set {meta['train_examples']:,} examples"
         + (f" with random translations of up to {o['shift']} pixel(s)" if o.get("shift") else "")
-        + ", test set 10,000 (error measured once, at the end of training: no early stopping, "
+        + (
+            f"; validation set the last {o['validation']:,} of the 60,000 training images "
+            "(held out of training)"
+            if o.get("validation")
+            else ""
+        )
+        + ", test set 10,000 (errors measured once, at the end of training: no early stopping, "
         "no checkpoint selection).",
         "",
         SETTINGS_NOTE,
@@ -739,6 +751,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--dst-end", type=float, default=0.75)
     p.add_argument("--snip-batch", type=int, default=128)
     p.add_argument("--train-limit", type=int, default=None, help="use only N training examples")
+    p.add_argument("--merge", default=None, help="comma-separated JSON files to combine (seeds)")
     p.add_argument(
         "--validation",
         type=int,
@@ -763,6 +776,53 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     return opts
 
 
+def _write(out: str, meta: dict, records: list[dict], log: Callable[[str], None]) -> dict:
+    """Summarise ``records`` and write ``sparse_training.{json,md,png}`` into ``out``."""
+    o = meta["options"]
+    sparse_methods = [m for m in METHODS if m in o["methods"]]
+    rows = _summary(records, o["sparsities"], sparse_methods)
+    result = {"meta": meta, "summary": rows, "runs": records}
+    base = os.path.join(out, NAME)
+    atomic_write_text(base + ".json", json.dumps(result, indent=1, default=float) + "\n")
+    dense_rows = [r for r in records if r["method"] == "dense"]
+    atomic_write_text(base + ".md", _markdown(meta, rows, dense_rows))
+    _plot(rows, base + ".png")
+    log(f"wrote {base}.json/.md/.png; total {meta['wall_seconds'] / 60:.1f} min")
+    return result
+
+
+def merge(paths: Sequence[str], out: str) -> dict:
+    """Combine runs of the same options over different seeds (one JSON per seed, written by
+    separate processes) into one report.
+
+    Args:
+      paths: the ``sparse_training.json`` files.
+      out: the output folder.
+
+    Returns:
+      The merged result, as written.
+
+    Raises:
+      ValueError: the files' options differ in anything but the seeds.
+    """
+    parts = [json.load(open(p)) for p in paths]
+    meta = dict(parts[0]["meta"])
+    same = {k: v for k, v in meta["options"].items() if k != "seeds"}
+    for p, part in zip(paths, parts, strict=True):
+        other = {k: v for k, v in part["meta"]["options"].items() if k != "seeds"}
+        if other != same:
+            raise ValueError(f"{p} was run with other options than {paths[0]}")
+    meta["options"] = {
+        **same,
+        "seeds": [s for part in parts for s in part["meta"]["options"]["seeds"]],
+    }
+    meta["wall_seconds"] = sum(part["meta"]["wall_seconds"] for part in parts)
+    meta["command"] = " ; ".join(part["meta"]["command"] for part in parts)
+    meta["load_average_end"] = parts[-1]["meta"]["load_average_end"]
+    records = [r for part in parts for r in part["runs"]]
+    return _write(out, meta, records, print)
+
+
 def main(argv: Sequence[str] | None = None) -> dict:
     """Run the comparison and write ``sparse_training.{json,md,png}``.
 
@@ -774,6 +834,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
     """
     opts = parse_args(argv)
     os.makedirs(opts.out, exist_ok=True)
+    if opts.merge:
+        return merge(opts.merge.split(","), opts.out)
     t_start = time.perf_counter()
     load_start = f"{os.getloadavg()[0]:.1f}"
 
@@ -790,8 +852,6 @@ def main(argv: Sequence[str] | None = None) -> dict:
     for seed in opts.seeds:
         records += run_seed(eng, seed, opts, log)
     wall = time.perf_counter() - t_start
-    sparse_methods = [m for m in METHODS if m in opts.methods]
-    rows = _summary(records, opts.sparsities, sparse_methods)
     cmd = "python -m benchmarks.sparse_training " + " ".join(sys.argv[1:] if argv is None else argv)
     meta = {
         "command": cmd.strip(),
@@ -805,15 +865,9 @@ def main(argv: Sequence[str] | None = None) -> dict:
         "load_average": load_start,
         "load_average_end": f"{os.getloadavg()[0]:.1f}",
         "wall_seconds": wall,
-        "options": {k: v for k, v in vars(opts).items() if k not in ("out",)},
+        "options": {k: v for k, v in vars(opts).items() if k not in ("out", "merge")},
     }
-    result = {"meta": meta, "summary": rows, "runs": records}
-    base = os.path.join(opts.out, NAME)
-    atomic_write_text(base + ".json", json.dumps(result, indent=1, default=float) + "\n")
-    dense_rows = [r for r in records if r["method"] == "dense"]
-    atomic_write_text(base + ".md", _markdown(meta, rows, dense_rows))
-    _plot(rows, base + ".png")
-    log(f"wrote {base}.json/.md/.png; total {wall / 60:.1f} min")
+    result = _write(opts.out, meta, records, log)
     return result
 
 
