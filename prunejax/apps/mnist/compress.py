@@ -104,7 +104,7 @@ class CompressSettings:
       allocation: ``"erk"`` or ``"han"``, how the kept weights are split over the layers.
     """
 
-    lr: float = 5e-3
+    lr: float = 2e-2
     weight_decay: float = 0.1
     shift: int = 1
     batch_size: int = 256
