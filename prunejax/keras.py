@@ -21,6 +21,10 @@ pytree, so every mask builder accepts it.  This module makes the Keras side firs
   activations, predictions equal to the masked model's.
 * :func:`save_model`: an atomic ``.keras`` file for inference (architecture and weights, no
   optimizer state), which loads without prunejax.
+* :func:`quantize_weights`, :func:`save_quantized`, :func:`load_quantized`,
+  :func:`set_quantized_weights`: Deep Compression's weight sharing for a Keras model (codes and
+  codebooks per kernel, ``prunejax.quantize``) and its compressed prunejax file, which loads back
+  into a model of the same architecture with exactly the quantized weights.
 
 Layers :func:`compact_model` accepts (a ``keras.Sequential`` whose only weighted layers are
 ``Dense``):
@@ -61,6 +65,8 @@ import numpy as np
 from prunejax import masks as masks_lib
 from prunejax._util import Where, atomic_path
 from prunejax.compact import Compacted, compact
+from prunejax.fileformat import load, save
+from prunejax.quantize import dequantize, is_quantized, kmeans_quantize, uniform_quantize
 
 __all__ = [
     "ALLOWED_LAYERS",
@@ -72,9 +78,13 @@ __all__ = [
     "dense_layers",
     "hidden_dense_where",
     "hold_masks",
+    "load_quantized",
     "magnitude_masks",
+    "quantize_weights",
     "release_masks",
     "save_model",
+    "save_quantized",
+    "set_quantized_weights",
     "unit_masks",
 ]
 
@@ -664,3 +674,142 @@ def save_model(model: Any, path: str | os.PathLike) -> int:
     with atomic_path(path, suffix=".keras") as tmp:  # Keras insists on the extension
         clone.save(str(tmp))
     return path.stat().st_size
+
+
+# ----------------------------------------------------------------------------- weight sharing
+
+
+def _check_weight_list(model: Any, weights: Sequence[Any], what: str) -> None:
+    """``weights`` must match ``model.weights`` entry for entry (count and shapes)."""
+    own = model.get_weights()
+    if len(weights) != len(own):
+        raise ValueError(f"{what} has {len(weights)} entries; the model has {len(own)} weights")
+    for i, (w, o) in enumerate(zip(weights, own, strict=True)):
+        shape = tuple(np.shape(w.codes if is_quantized(w) else w))
+        if shape != tuple(o.shape):
+            raise ValueError(
+                f"{what}[{i}] ({model.weights[i].path}) has shape {shape}, the model's "
+                f"weight has {tuple(o.shape)}"
+            )
+
+
+def quantize_weights(
+    model: Any,
+    bits: int | Mapping[str, int] | Sequence[int | None],
+    *,
+    masks: Sequence[Any] | None = None,
+    method: str = "kmeans",
+    where: Where | None = None,
+) -> list[Any]:
+    """The model's ``get_weights()`` list with its kernels quantized (weight sharing).
+
+    Deep Compression's trained quantization (Han, Mao & Dally 2016, section 3) by
+    ``prunejax.quantize.kmeans_quantize`` (or ``uniform_quantize`` with ``method="uniform"``).
+
+    Args:
+      model: a built ``keras.Model``.
+      bits: code width, an int or per weight (``{"0": 5, "2": 4}`` or ``[5, None, 4, None]``,
+        keyed by position in ``model.weights``).
+      masks: optional masks (one bool array per ``model.weights`` entry, True = kept);
+        without them the nonzero weights are the kept ones.
+      method: ``"kmeans"`` or ``"uniform"`` (symmetric).
+      where: ``where(path, leaf) -> bool`` selects the weights (default: ``ndim >= 2``).
+
+    Returns:
+      A list like ``model.get_weights()`` holding ``prunejax.quantize.Quantized`` entries for
+      the quantized kernels; ``set_quantized_weights`` writes it into the model,
+      ``save_quantized`` into a file.
+
+    Raises:
+      ValueError: an unknown ``method``, bad ``bits``, masks that do not match the model.
+    """
+    _require_keras_model(model)
+    weights = model.get_weights()
+    if masks is not None:
+        masks = _check_masks(model, masks)
+    if method == "kmeans":
+        return list(kmeans_quantize(weights, bits, masks=masks, where=where))
+    if method == "uniform":
+        return list(uniform_quantize(weights, bits, masks=masks, where=where))
+    raise ValueError(f"method must be 'kmeans' or 'uniform', got {method!r}")
+
+
+def set_quantized_weights(model: Any, weights: Sequence[Any]) -> Any:
+    """Write a quantized weight list into ``model`` (kernels as their exact shared values).
+
+    Args:
+      model: a built ``keras.Model`` of the architecture the list was made for.
+      weights: a list like ``model.get_weights()``; ``Quantized`` entries are dequantized
+        (pruned entries exact zeros).
+
+    Returns:
+      ``model``.
+
+    Raises:
+      ValueError: the list does not match the model's weights.
+    """
+    _require_keras_model(model)
+    _check_weight_list(model, weights, "weights")
+    model.set_weights([np.asarray(w) for w in dequantize(list(weights))])
+    return model
+
+
+def save_quantized(
+    model: Any,
+    path: str | os.PathLike,
+    *,
+    weights: Sequence[Any] | None = None,
+    bits: int | Mapping[str, int] | Sequence[int | None] | None = None,
+    masks: Sequence[Any] | None = None,
+    format: str = "auto",
+) -> int:
+    """Save a Keras model's weights as a compressed prunejax file (codes + codebooks, entropy
+    coded, see ``prunejax.fileformat``); ``load_quantized`` puts them back into the model.
+
+    The file holds the weight list only (``model.weights`` order), not the architecture: load it
+    into a model of the same architecture (the same builder, or ``keras.models.clone_model``).
+
+    Args:
+      model: a built ``keras.Model``.
+      path: the destination (conventionally ``*.safetensors``); written atomically.
+      weights: a quantized weight list (``quantize_weights``, possibly fine-tuned); or
+      bits: quantize the model's current weights now, with this code width (and ``masks``).
+        Exactly one of ``weights`` and ``bits``.
+      masks: optional masks for ``bits``.
+      format: as ``prunejax.fileformat.save`` (``"auto"``: the smallest encoding per weight).
+
+    Returns:
+      The file size in bytes.
+
+    Raises:
+      ValueError: both or neither of ``weights``/``bits``, a list that does not match the model.
+    """
+    _require_keras_model(model)
+    if (weights is None) == (bits is None):
+        raise ValueError("pass exactly one of weights= (a quantized list) and bits=")
+    if weights is None:
+        weights = quantize_weights(model, bits, masks=masks)
+    _check_weight_list(model, weights, "weights")
+    return save(path, list(weights), format=format)
+
+
+def load_quantized(model: Any, path: str | os.PathLike) -> list[Any]:
+    """Load a file written by ``save_quantized`` into ``model`` (same architecture).
+
+    Args:
+      model: a built ``keras.Model``; its weights are replaced by the file's exact quantized
+        values (pruned entries exact zeros).
+      path: the file.
+
+    Returns:
+      The quantized weight list, bit-exact (``Quantized`` entries for the quantized kernels).
+
+    Raises:
+      FileFormatError: a damaged file; ValueError: weights that do not fit the model.
+    """
+    _require_keras_model(model)
+    weights = load(path, quantized=True)
+    if not isinstance(weights, list):
+        raise ValueError(f"{os.fspath(path)!r} does not hold a Keras weight list")
+    set_quantized_weights(model, weights)
+    return weights

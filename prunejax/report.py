@@ -22,24 +22,29 @@ compacted kernel.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 import tempfile
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
+import jax
 import numpy as np
 
 from prunejax._util import PyTree, dense_layers
 from prunejax.fileformat import EXTENSION, load_header, save
 from prunejax.fileformat.plan import Plan, check_format, leaf_bytes, plan_tree
+from prunejax.quantize import dequantize, is_quantized
 
 __all__ = ["LayerSize", "SizeReport", "size_report"]
 
 #: The per-layer byte columns of the report, in display order.
 COLUMNS = ("dense", "bitmask", "csr", "bcoo", "compact", "auto")
 _SPARSE = ("bitmask", "csr", "bcoo")
+#: The parts of a file's bytes in ``SizeReport.breakdown`` and ``LayerSize.parts``.
+PARTS = ("values", "indices", "codebooks", "biases", "header")
 
 
 @dataclass(frozen=True)
@@ -60,6 +65,9 @@ class LayerSize:
       flops_dense, flops_sparse, flops_compact: FLOPs per example (0 for non-layer rows).
       break_even: per sparse format, the largest density at which the kernel in that format
         takes no more file bytes than dense (0.0: never).
+      parts: the row's bytes in the measured file by part (``PARTS``): the kernel's ``values``
+        (weights or codes), ``indices`` and ``codebooks``, the ``biases`` and the ``header``
+        (the row's member entries in the file's header).
     """
 
     name: str
@@ -75,6 +83,7 @@ class LayerSize:
     flops_sparse: int
     flops_compact: int | None
     break_even: dict[str, float]
+    parts: dict[str, int] = field(default_factory=dict)
 
     @property
     def density(self) -> float:
@@ -96,6 +105,7 @@ class LayerSize:
             "flops_sparse": self.flops_sparse,
             "flops_compact": self.flops_compact,
             "break_even": dict(self.break_even),
+            "parts": dict(self.parts),
         }
 
 
@@ -111,6 +121,8 @@ class SizeReport:
       file_format: the format of the measured file.
       file_bytes: the measured size of that file.
       file_path: the measured file's path (``None`` when a temporary file was used).
+      breakdown: the measured file's predicted bytes by part (``PARTS``; the ``header`` adds
+        the file's own overhead to the rows'); they sum to its predicted size.
     """
 
     layers: list[LayerSize]
@@ -118,6 +130,7 @@ class SizeReport:
     file_format: str
     file_bytes: int
     file_path: str | None
+    breakdown: dict[str, int] = field(default_factory=dict)
 
     def total(self) -> dict[str, Any]:
         """Sums over all rows (``None`` propagates for the compacted columns)."""
@@ -149,6 +162,7 @@ class SizeReport:
                 "bytes": self.file_bytes,
                 "path": self.file_path,
                 "predicted_bytes": self.predicted_file_bytes.get(self.file_format),
+                "breakdown": dict(self.breakdown),
             },
         }
 
@@ -221,7 +235,22 @@ class SizeReport:
                 else ""
             )
         )
+        lines += self.breakdown_lines()
         return "\n".join(lines)
+
+    def breakdown_lines(self) -> list[str]:
+        """The measured file's bytes by part, per row and in total (for ``str``)."""
+        if not self.breakdown:
+            return []
+        out = ["", f"File bytes by part ({self.file_format!r}): " + ", ".join(PARTS)]
+        for r in self.layers:
+            out.append(f"  {r.name}: " + ", ".join(f"{r.parts.get(k, 0):,}" for k in PARTS))
+        out.append(
+            "  whole file: "
+            + ", ".join(f"{self.breakdown[k]:,}" for k in PARTS)
+            + f" = {sum(self.breakdown.values()):,}"
+        )
+        return out
 
 
 def _break_even(fmt: str, shape: tuple[int, ...], dtype: np.dtype, index: int) -> float:
@@ -353,10 +382,8 @@ def size_report(
     plans = _plans(params, masks, activation)
     member_bytes = {f: (None if p is None else p.bytes_per_leaf()) for f, p in plans.items()}
     paths = [m["path"] for m in plans["dense"].header["leaves"]]
-    rows = [
-        _row(name, idx, kernel, plans, member_bytes)
-        for name, idx, kernel in _row_groups(params, paths)
-    ]
+    groups = _row_groups(_plain(params), paths)
+    rows = [_row(name, idx, kernel, plans, member_bytes) for name, idx, kernel in groups]
     predicted = {c: (None if plans[c] is None else plans[c].nbytes()) for c in COLUMNS}
     if path is not None:
         path = os.fspath(path)
@@ -367,10 +394,46 @@ def size_report(
             tmp = os.path.join(d, "model" + EXTENSION)
             file_bytes = save(tmp, params, format=format, masks=masks, activation=activation)
         file_format, file_path = check_format(format), None
+    measured = plans.get(file_format) or plan_tree(
+        params, format=file_format, masks=masks, activation=activation
+    )
+    rows, breakdown = _with_parts(rows, groups, measured)
     return SizeReport(
         layers=rows,
         predicted_file_bytes=predicted,
         file_format=file_format,
         file_bytes=int(file_bytes),
         file_path=file_path,
+        breakdown=breakdown,
     )
+
+
+def _plain(params: PyTree) -> PyTree:
+    """``params`` with quantized leaves dequantized (for the row grouping)."""
+    leaves = jax.tree_util.tree_leaves(params, is_leaf=is_quantized)
+    return dequantize(params) if any(is_quantized(x) for x in leaves) else params
+
+
+def _with_parts(
+    rows: list[LayerSize], groups: list[tuple[str, list[int], int | None]], plan: Plan
+) -> tuple[list[LayerSize], dict[str, int]]:
+    """The rows with their ``parts`` in ``plan``'s file, and the file's breakdown."""
+    per_leaf = plan.parts_per_leaf()
+    total = dict.fromkeys(PARTS, 0)
+    out = []
+    for row, (_, idx, kernel) in zip(rows, groups, strict=True):
+        parts = dict.fromkeys(PARTS, 0)
+        for i in idx:
+            leaf = per_leaf[i]
+            parts["header"] += leaf["header"]
+            if kernel is not None and i != kernel:
+                parts["biases"] += leaf["values"] + leaf["indices"] + leaf["codebooks"]
+            else:
+                for k in ("values", "indices", "codebooks"):
+                    parts[k] += leaf[k]
+        for k in PARTS:
+            total[k] += parts[k]
+        out.append(dataclasses.replace(row, parts=parts))
+    for k, v in plan.extra_bytes().items():
+        total[k] += v
+    return out, total

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Mapping
+from typing import Any
 
 import numpy as np
 
@@ -23,17 +24,34 @@ from prunejax.fileformat.dtypes import (
     to_storage,
 )
 from prunejax.fileformat.errors import FileFormatError
+from prunejax.fileformat.quantized import QUANT_ENCODINGS, decode_leaf, encode_leaf
+from prunejax.fileformat.relative import decode_relative, encode_relative
+from prunejax.quantize import dequantize_leaf
 
-__all__ = ["ENCODINGS", "ROLES", "csr_dims", "leaf_members", "encode", "decode"]
+__all__ = [
+    "ENCODINGS",
+    "ALL_ENCODINGS",
+    "ROLES",
+    "csr_dims",
+    "leaf_members",
+    "encode",
+    "decode",
+]
 
-#: The per-leaf encodings.
+#: The per-leaf encodings of plain arrays.
 ENCODINGS = ("dense", "bitmask", "csr", "bcoo")
+#: Every per-leaf encoding: also ``relative`` (``prunejax.fileformat.relative``, whose size
+#: depends on the positions, not only on their count) and those of quantized leaves
+#: (``prunejax.fileformat.quantized``).
+ALL_ENCODINGS = ENCODINGS + ("relative",) + QUANT_ENCODINGS
 #: The member arrays of each encoding, in file order.
 ROLES = {
     "dense": ("data",),
     "bitmask": ("mask", "values"),
     "csr": ("indptr", "indices", "data"),
     "bcoo": ("indices", "data"),
+    "relative": ("indices", "data"),
+    **{e: ("blob",) for e in QUANT_ENCODINGS},
 }
 
 
@@ -59,14 +77,17 @@ def leaf_members(
     nnz: int,
     *,
     version: int = 2,
+    blob: int | None = None,
 ) -> list[tuple[str, tuple[int, ...], np.dtype]]:
     """``(member name, shape, storage dtype)`` of every array encoding one leaf.
 
     Args:
       index: the leaf's position in the tree (the members' name prefix).
       encoding: one of ``ENCODINGS``.
-      shape, dtype, nnz: the leaf's shape, dtype and number of nonzero entries.
+      shape, dtype, nnz: the leaf's shape, dtype and number of nonzero (kept) entries.
       version: the file format version (it decides how complex payloads are stored).
+      blob: the bytes of a quantized leaf's blob, or of a ``relative`` leaf's ``indices``
+        (required by those encodings).
 
     Returns:
       One triple per role of ``ROLES[encoding]``, in order.
@@ -74,6 +95,10 @@ def leaf_members(
     Raises:
       ValueError: unknown encoding.
     """
+    if encoding in QUANT_ENCODINGS:
+        if blob is None:
+            raise ValueError(f"encoding {encoding!r} needs the blob size")
+        return [(f"{index}.blob", (int(blob),), np.dtype(np.uint8))]
     sd = storage_dtype(np.dtype(dtype), version)
     size = math.prod(shape)
 
@@ -94,6 +119,13 @@ def leaf_members(
             (f"{index}.indices", (nnz,), index_dtype(max(cols - 1, 0))),
             (f"{index}.data", payload(nnz), sd),
         ]
+    if encoding == "relative":
+        if blob is None:
+            raise ValueError("encoding 'relative' needs the size of its indices")
+        return [
+            (f"{index}.indices", (int(blob),), np.dtype(np.uint8)),
+            (f"{index}.data", payload(nnz), sd),
+        ]
     if encoding == "bcoo":
         return [
             (
@@ -103,15 +135,16 @@ def leaf_members(
             ),
             (f"{index}.data", payload(nnz), sd),
         ]
-    raise ValueError(f"unknown encoding {encoding!r}; expected one of {ENCODINGS}")
+    raise ValueError(f"unknown encoding {encoding!r}; expected one of {ALL_ENCODINGS}")
 
 
-def encode(encoding: str, arr: np.ndarray) -> list[np.ndarray]:
+def encode(encoding: str, arr: Any, *, index_bits: int | None = None) -> list[np.ndarray]:
     """The member arrays of one leaf (format version 2).
 
     Args:
-      encoding: one of ``ENCODINGS``.
-      arr: the dense leaf (NumPy).
+      encoding: one of ``ALL_ENCODINGS``.
+      arr: the dense leaf (NumPy), or the planned ``QuantLeaf`` of a quantized encoding.
+      index_bits: the relative-index width of a ``relative`` leaf.
 
     Returns:
       The arrays of ``ROLES[encoding]``, in order, in their storage dtypes and shapes.
@@ -119,6 +152,8 @@ def encode(encoding: str, arr: np.ndarray) -> list[np.ndarray]:
     Raises:
       ValueError: unknown encoding.
     """
+    if encoding in QUANT_ENCODINGS:
+        return [encode_leaf(arr)]
     flat = np.asarray(arr, order="C").reshape(-1)
     nz = flat != 0
     nnz = int(nz.sum())
@@ -134,6 +169,8 @@ def encode(encoding: str, arr: np.ndarray) -> list[np.ndarray]:
         indptr = np.concatenate([[0], np.cumsum(counts)]).astype(index_dtype(nnz))
         col = np.nonzero(nzm)[1].astype(index_dtype(max(cols - 1, 0)))
         return [indptr, col, values]
+    if encoding == "relative":
+        return [encode_relative(arr, index_bits), values]
     if encoding == "bcoo":
         idx_dt = index_dtype(max(max(arr.shape, default=1) - 1, 0))
         coords = np.stack(np.unravel_index(np.flatnonzero(nz), arr.shape), axis=1)
@@ -142,8 +179,13 @@ def encode(encoding: str, arr: np.ndarray) -> list[np.ndarray]:
 
 
 def decode(
-    leaf: Mapping, arrays: Mapping[str, np.ndarray], index: int, *, version: int = 2
-) -> np.ndarray:
+    leaf: Mapping,
+    arrays: Mapping[str, np.ndarray],
+    index: int,
+    *,
+    version: int = 2,
+    quantized: bool = False,
+) -> Any:
     """Rebuild one dense leaf from its member arrays, checking them against the header.
 
     Args:
@@ -151,9 +193,11 @@ def decode(
       arrays: role -> member array, as read from the file (shapes and dtypes already checked).
       index: the leaf's position (for messages).
       version: the file's format version (how its payloads are stored).
+      quantized: return a quantized leaf as its ``prunejax.quantize.Quantized`` (NumPy parts)
+        instead of its dequantized values.
 
     Returns:
-      The dense NumPy leaf, of the header's shape and dtype.
+      The dense NumPy leaf, of the header's shape and dtype (or a ``Quantized`` leaf).
 
     Raises:
       FileFormatError: index arrays out of bounds, unsorted or repeated, a bitmask that does not
@@ -169,10 +213,15 @@ def decode(
 
     if enc == "dense":
         return values(arrays["data"]).reshape(shape).copy()
+    if enc in QUANT_ENCODINGS:
+        q = decode_leaf(leaf, arrays["blob"], where)
+        return q if quantized else dequantize_leaf(q)
     decoder = _DECODERS.get(enc)
-    if decoder is None:
+    if decoder is None and enc != "relative":
         raise FileFormatError(f"corrupted header: {where} has unknown encoding {enc!r}")
     out = np.zeros(math.prod(shape), dtype)
+    if enc == "relative":
+        return decode_relative(out, arrays, values, shape, leaf, where)
     return decoder(out, arrays, values, shape, leaf["nnz"], where)
 
 

@@ -11,7 +11,9 @@ from prunejax._version import __version__
 from prunejax.fileformat.compaction import kept_members
 from prunejax.fileformat.container import FORMAT_VERSION, MAGIC
 from prunejax.fileformat.dtypes import DTYPES, dtype_name
-from prunejax.fileformat.encodings import ENCODINGS, leaf_members
+from prunejax.fileformat.encodings import ALL_ENCODINGS, leaf_members
+from prunejax.fileformat.quantized import QUANT_ENCODINGS, check_entry
+from prunejax.fileformat.relative import check_relative_entry
 
 __all__ = ["make_header", "header_members"]
 
@@ -26,6 +28,7 @@ def make_header(
     jax_flags: list[bool],
     nnzs: list[int],
     compaction: dict | None,
+    extras: list[dict] | None = None,
 ) -> dict:
     """The header of a file, without its checksum (keys in file order).
 
@@ -35,6 +38,8 @@ def make_header(
       paths, arrays, encodings, jax_flags, nnzs: per leaf, its path, the (possibly compacted)
         NumPy array, its encoding, whether it was a JAX array and its nonzero count.
       compaction: the compaction record or ``None``.
+      extras: per leaf, further keys of its entry (a quantized leaf's ``codebook``, ``kind``,
+        ``index_bits`` and ``blob``), or ``None``.
 
     Returns:
       The JSON header.
@@ -53,8 +58,17 @@ def make_header(
                 "dtype": dtype_name(a.dtype),
                 "array": "jax" if j else "numpy",
                 "nnz": n,
+                **x,
             }
-            for p, a, e, j, n in zip(paths, arrays, encodings, jax_flags, nnzs, strict=True)
+            for p, a, e, j, n, x in zip(
+                paths,
+                arrays,
+                encodings,
+                jax_flags,
+                nnzs,
+                extras if extras is not None else [{}] * len(paths),
+                strict=True,
+            )
         ],
         "compaction": compaction,
     }
@@ -99,13 +113,19 @@ def check_leaf_entry(i: int, leaf: object) -> tuple[int, ...]:
             raise ValueError(f"{name} has a bad {key} {leaf.get(key)!r}")
     if leaf.get("dtype") not in DTYPES:
         raise ValueError(f"{name} has an unknown dtype {leaf.get('dtype')!r}")
-    if leaf.get("encoding") not in ENCODINGS:
+    if leaf.get("encoding") not in ALL_ENCODINGS:
         raise ValueError(f"{name} has an unknown encoding {leaf.get('encoding')!r}")
     if leaf.get("array") not in ("numpy", "jax"):
         raise ValueError(f"{name} has a bad array kind {leaf.get('array')!r}")
     nnz = leaf.get("nnz")
     if not _is_int(nnz) or not 0 <= nnz <= math.prod(shape):
         raise ValueError(f"{name} has a bad nnz {nnz!r}")
+    if leaf["encoding"] in QUANT_ENCODINGS:
+        if DTYPES[leaf["dtype"]].kind != "f" and leaf["dtype"] != "bfloat16":
+            raise ValueError(f"{name} is quantized but of dtype {leaf['dtype']}")
+        check_entry(leaf)
+    if leaf["encoding"] == "relative":
+        check_relative_entry(leaf)
     return tuple(shape)
 
 
@@ -131,6 +151,12 @@ def header_members(
     for i, leaf in enumerate(leaves):
         shape = check_leaf_entry(i, leaf)
         out += leaf_members(
-            i, leaf["encoding"], shape, DTYPES[leaf["dtype"]], leaf["nnz"], version=version
+            i,
+            leaf["encoding"],
+            shape,
+            DTYPES[leaf["dtype"]],
+            leaf["nnz"],
+            version=version,
+            blob=leaf.get("blob"),
         )
     return out + kept_members(header)

@@ -14,6 +14,7 @@ import numpy as np
 
 from prunejax._util import PyTree, is_matrix_object, path_str
 from prunejax.fileformat.errors import FileFormatError
+from prunejax.quantize import is_quantized
 
 __all__ = ["describe_structure", "rebuild_structure"]
 
@@ -23,7 +24,7 @@ def describe_structure(node: Any, index_of: dict[str, int], keypath: tuple = ())
 
     Args:
       node: a params (sub)tree of dicts, Flax ``FrozenDict``s, lists, tuples, ``None`` and arrays
-        (sparse kernel objects count as arrays).
+        (sparse kernel objects and ``Quantized`` leaves count as arrays).
       index_of: leaf path (``prunejax._util.path_str``) -> leaf index.
       keypath: the key path of ``node`` in the whole tree.
 
@@ -33,7 +34,11 @@ def describe_structure(node: Any, index_of: dict[str, int], keypath: tuple = ())
     Raises:
       TypeError: an unsupported container or dict key.
     """
-    if is_matrix_object(node) or isinstance(node, np.ndarray | np.generic | jax.Array):
+    if (
+        is_matrix_object(node)
+        or is_quantized(node)
+        or isinstance(node, np.ndarray | np.generic | jax.Array)
+    ):
         return {"leaf": index_of[path_str(keypath)]}
     if node is None:
         return {"none": None}

@@ -1,0 +1,294 @@
+"""Quantized leaves in files: codes + codebook, relative indices, Huffman coding, exact sizes,
+bit-exact round trips and corrupted payloads."""
+
+from __future__ import annotations
+
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import safetensors
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import prunejax as pj
+from prunejax.fileformat import FileFormatError, container, load, load_header, save
+from prunejax.fileformat.plan import plan_tree
+from prunejax.fileformat.quantized import QUANT_ENCODINGS
+from prunejax.quantize import Quantized
+
+QFORMATS = ("qbitmask", "qrelative", "qhuffman")
+
+
+def _mlp(seed=0, shapes=((40, 24), (24, 10)), sparsity=(0.9, 0.7)):
+    rng = np.random.default_rng(seed)
+    params = {
+        f"Dense_{i}": {
+            "kernel": rng.normal(size=s).astype(np.float32),
+            "bias": rng.normal(size=s[1]).astype(np.float32),
+        }
+        for i, s in enumerate(shapes)
+    }
+    masks = pj.magnitude_masks(params, sparsity={f"Dense_{i}": sp for i, sp in enumerate(sparsity)})
+    return params, masks
+
+
+def _assert_same_quantized(a: Quantized, b: Quantized) -> None:
+    assert np.array_equal(np.asarray(a.codes), np.asarray(b.codes))
+    assert np.asarray(a.codes).dtype == np.asarray(b.codes).dtype
+    assert np.asarray(a.codebook).tobytes() == np.asarray(b.codebook).tobytes()  # bit-exact
+    assert np.array_equal(np.asarray(a.mask), np.asarray(b.mask))
+    assert a.dtype == b.dtype and a.kind == b.kind
+
+
+@pytest.mark.parametrize("fmt", ("auto",) + QFORMATS)
+@pytest.mark.parametrize("quantizer", ["kmeans", "uniform"])
+def test_quantized_files_load_back_bit_exactly(tmp_path, fmt, quantizer):
+    params, masks = _mlp()
+    if quantizer == "kmeans":
+        q = pj.kmeans_quantize(params, {"Dense_0": 5, "Dense_1": 3}, masks=masks)
+    else:
+        q = pj.uniform_quantize(params, 8, masks=masks)
+    f = tmp_path / "q.safetensors"
+    n = save(f, q, format=fmt)
+    assert n == f.stat().st_size == plan_tree(q, format=fmt).nbytes()
+    header = load_header(f)
+    encs = {leaf["path"]: leaf["encoding"] for leaf in header["leaves"]}
+    assert encs["Dense_0/bias"] == "dense"
+    assert encs["Dense_0/kernel"] in QUANT_ENCODINGS
+    if fmt != "auto":
+        assert encs["Dense_0/kernel"] == fmt
+    plain = load(f)
+    ref = pj.dequantize(q)
+    for a, b in zip(jax.tree.leaves(plain), jax.tree.leaves(ref), strict=True):
+        assert a.dtype == b.dtype and np.array_equal(a, b)
+    assert np.all(plain["Dense_0"]["kernel"][~masks["Dense_0"]["kernel"]] == 0)
+    back = load(f, quantized=True)
+    for name in ("Dense_0", "Dense_1"):
+        _assert_same_quantized(back[name]["kernel"], q[name]["kernel"])
+    x = np.random.default_rng(1).normal(size=(3, 40)).astype(np.float32)
+    np.testing.assert_array_equal(pj.mlp_apply(plain, x), pj.mlp_apply(ref, x))
+    sparse = pj.sparsify(plain)  # straight into sparse kernels
+    np.testing.assert_allclose(pj.mlp_apply(sparse, x), pj.mlp_apply(ref, x), rtol=1e-5, atol=1e-5)
+
+
+def test_auto_picks_the_smallest_quantized_encoding(tmp_path):
+    params, masks = _mlp(shapes=((200, 60),), sparsity=(0.92,))
+    q = pj.kmeans_quantize(params, 4, masks=masks)
+    sizes = {fmt: save(tmp_path / fmt, q, format=fmt) for fmt in QFORMATS}
+    auto = save(tmp_path / "auto", q, format="auto")
+    assert auto == min(sizes.values())
+    assert sizes["qhuffman"] < sizes["qrelative"] < sizes["qbitmask"]
+    # the dense-quantized form wins when every weight is kept
+    qd = pj.kmeans_quantize(params, 4)
+    save(tmp_path / "d", qd, format="auto")
+    assert load_header(tmp_path / "d")["leaves"][1]["encoding"] in ("qdense", "qhuffman")
+    _assert_same_quantized(
+        load(tmp_path / "d", quantized=True)["Dense_0"]["kernel"], qd["Dense_0"]["kernel"]
+    )
+
+
+def test_plain_formats_save_quantized_leaves_dequantized(tmp_path):
+    params, masks = _mlp()
+    q = pj.kmeans_quantize(params, 3, masks=masks)
+    for fmt in ("dense", "csr", "bitmask"):
+        save(tmp_path / fmt, q, format=fmt)
+        assert all(
+            leaf["encoding"] not in QUANT_ENCODINGS
+            for leaf in load_header(tmp_path / fmt)["leaves"]
+        )
+        loaded = load(tmp_path / fmt)
+        assert np.array_equal(loaded["Dense_0"]["kernel"], pj.dequantize(q)["Dense_0"]["kernel"])
+    with pytest.raises(ValueError, match="own mask"):
+        save(tmp_path / "m", q, masks=masks)
+
+
+def test_jax_quantized_leaves_load_as_jax(tmp_path):
+    params, masks = _mlp()
+    q = pj.kmeans_quantize(jax.tree.map(jnp.asarray, params), 4, masks=masks)
+    save(tmp_path / "j", q)
+    plain = load(tmp_path / "j")
+    assert isinstance(plain["Dense_0"]["kernel"], jax.Array)
+    back = load(tmp_path / "j", quantized=True)["Dense_0"]["kernel"]
+    assert isinstance(back.codes, jax.Array) and isinstance(back.codebook, jax.Array)
+    _assert_same_quantized(back, q["Dense_0"]["kernel"])
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    rows=st.integers(1, 30),
+    cols=st.integers(1, 30),
+    density=st.sampled_from([0.0, 0.02, 0.3, 1.0]),
+    bits=st.integers(1, 9),
+    seed=st.integers(0, 2**31 - 1),
+)
+def test_any_quantized_leaf_round_trips_in_every_encoding(
+    tmp_path_factory, rows, cols, density, bits, seed
+):
+    rng = np.random.default_rng(seed)
+    w = rng.normal(size=(rows, cols)).astype(np.float32)
+    mask = rng.random((rows, cols)) < density
+    q = pj.kmeans_quantize({"k": w}, bits, masks={"k": mask})
+    d = tmp_path_factory.mktemp("q")
+    for fmt in ("auto",) + QFORMATS:
+        n = save(d / fmt, q, format=fmt)
+        assert n == plan_tree(q, format=fmt).nbytes()
+        _assert_same_quantized(load(d / fmt, quantized=True)["k"], q["k"])
+
+
+# ----------------------------------------------------------------------------- corruption
+
+
+def _read(path):
+    with safetensors.safe_open(path, framework="np") as st_:
+        meta = st_.metadata()
+        arrays = {k: st_.get_tensor(k) for k in st_.keys()}
+    return json.loads(meta["prunejax"]), arrays
+
+
+def _rewrite(path, header_fn=None, member_fn=None):
+    """Rewrite a file with edits and a VALID checksum (what a careful tamperer would do)."""
+    header, members = _read(path)
+    if header_fn:
+        header_fn(header)
+    if member_fn:
+        member_fn(members)
+    container.write(path, header, list(members.items()))
+
+
+@pytest.fixture(params=QFORMATS)
+def qfile(request, tmp_path):
+    params, masks = _mlp(shapes=((60, 30),), sparsity=(0.85,))
+    q = pj.kmeans_quantize(params, 4, masks=masks)
+    f = tmp_path / "q.safetensors"
+    save(f, q, format=request.param)
+    header, _ = _read(f)
+    i = next(i for i, leaf in enumerate(header["leaves"]) if leaf["path"] == "Dense_0/kernel")
+    return f, i
+
+
+def _blob_edit(i, fn):
+    def edit(m):
+        m[f"{i}.blob"] = fn(m[f"{i}.blob"].copy())
+
+    return edit
+
+
+@pytest.mark.parametrize(
+    "what",
+    ["truncate", "extend", "nan_codebook", "ones_stream"],
+)
+def test_corrupted_blob_raises_file_format_error(qfile, what):
+    f, i = qfile
+
+    def fn(b):
+        if what == "truncate":
+            return b[: b.size // 2]
+        if what == "extend":
+            return np.concatenate([b, np.array([0x80], np.uint8)])
+        if what == "nan_codebook":
+            b[:4] = np.frombuffer(np.float32(np.nan).tobytes(), np.uint8)
+            return b
+        b[64 + 16 :] = 0xFF
+        return b
+
+    def header_fn(h):
+        h["leaves"][i]["blob"] = int(fn(_read(f)[1][f"{i}.blob"].copy()).size)
+
+    _rewrite(f, header_fn=header_fn, member_fn=_blob_edit(i, fn))
+    with pytest.raises(FileFormatError, match="corrupted|leaf"):
+        load(f)
+
+
+@pytest.mark.parametrize(
+    "field, value",
+    [
+        ("codebook", 0),
+        ("codebook", 2**20),
+        ("codebook", 8),
+        ("index_bits", 40),
+        ("index_bits", -1),
+        ("blob", "x"),
+        ("nnz", 10**6),
+        ("dtype", "int32"),
+        ("kind", 3),
+    ],
+)
+def test_corrupted_quantized_header_fields_raise(qfile, field, value):
+    f, i = qfile
+
+    def edit(h):
+        h["leaves"][i][field] = value
+
+    _rewrite(f, header_fn=edit)
+    with pytest.raises(FileFormatError):
+        load(f)
+
+
+def test_every_single_byte_change_of_a_blob_is_caught_or_harmless(qfile):
+    """With a valid checksum, any one-byte change either raises ``FileFormatError`` or loads a
+    valid quantized leaf (never another exception, never a NaN)."""
+    f, i = qfile
+    _, members = _read(f)
+    blob = members[f"{i}.blob"]
+    rng = np.random.default_rng(0)
+    for k in rng.choice(blob.size, size=min(blob.size, 40), replace=False):
+        _rewrite(f, member_fn=_blob_edit(i, lambda b, k=k: _xor(b, k)))
+        try:
+            q = load(f, quantized=True)["Dense_0"]["kernel"]
+        except FileFormatError:
+            continue
+        assert np.isfinite(q.codebook).all() and q.codes.max() < q.codebook.size
+        _rewrite(f, member_fn=_blob_edit(i, lambda b, k=k: _xor(b, k)))  # restore
+
+
+def _xor(b, k):
+    b[k] ^= 0x5A
+    return b
+
+
+# ----------------------------------------------------------------------------- size_report
+
+
+@pytest.mark.parametrize("fmt", ("auto",) + QFORMATS)
+def test_size_report_predicts_quantized_files_to_the_byte(tmp_path, fmt):
+    params, masks = _mlp(seed=3)
+    q = pj.kmeans_quantize(params, {"Dense_0": 5, "Dense_1": 6}, masks=masks)
+    f = tmp_path / "q.safetensors"
+    n = save(f, q, format=fmt)
+    report = pj.size_report(q, path=f)
+    assert report.file_bytes == n
+    assert sum(report.breakdown.values()) == n
+    if fmt == "auto":
+        assert report.predicted_file_bytes["auto"] == n
+    temp = pj.size_report(q, format=fmt)
+    assert temp.file_bytes == n and temp.breakdown == report.breakdown
+    # each row: the kernel's parts and the bias; a codebook of 2**b float32 per kernel
+    rows = {r.name: r for r in report.layers}
+    assert rows["Dense_0"].parts["codebooks"] == 4 * 2**5
+    assert rows["Dense_1"].parts["codebooks"] == 4 * 2**6
+    assert rows["Dense_0"].parts["biases"] == 24 * 4
+    assert rows["Dense_0"].nnz == int(masks["Dense_0"]["kernel"].sum()) + 24
+    header = load_header(f)
+    blobs = {leaf["path"]: leaf["blob"] for leaf in header["leaves"] if "blob" in leaf}
+    r0 = rows["Dense_0"].parts
+    assert r0["values"] + r0["indices"] + r0["codebooks"] == blobs["Dense_0/kernel"]
+    assert "File bytes by part" in str(report)
+    assert report.to_dict()["file"]["breakdown"] == report.breakdown
+
+
+@pytest.mark.parametrize("fmt", ["dense", "bitmask", "csr", "bcoo", "auto", "compact"])
+def test_size_report_breakdown_sums_to_the_file_for_plain_formats(fmt):
+    params, masks = _mlp(seed=4)
+    report = pj.size_report(params, masks=masks, format=fmt, activation=jax.nn.relu)
+    assert sum(report.breakdown.values()) == report.file_bytes
+    assert report.breakdown["codebooks"] == 0
+    widths = [r.compact_shape[1] if fmt == "compact" else r.shape[1] for r in report.layers]
+    assert report.breakdown["biases"] == 4 * sum(widths)
+    if fmt == "compact":
+        assert sum(widths) < 24 + 10  # dead units and their biases are gone
+    if fmt == "dense":
+        assert report.breakdown["indices"] == 0
+        assert report.breakdown["values"] == 4 * (40 * 24 + 24 * 10)
