@@ -1,6 +1,7 @@
 """The Deep Compression pipeline (``prunejax compress``): its pieces and a tiny end-to-end run."""
 
 import json
+import os
 
 import jax
 import numpy as np
@@ -48,19 +49,6 @@ def test_kernel_allocation_rejects_bad_input():
         C.kernel_allocation(_lenet(), 0.1, "uniformish")
 
 
-def test_fixed_width_bytes_counts_codes_indices_fillers_and_codebooks():
-    w = np.zeros((4, 20), np.float32)
-    w[0, 0], w[0, 1], w[3, 19] = 1.0, -1.0, 0.5  # flat positions 0, 1, 79
-    params = {"Dense_0": {"kernel": w, "bias": np.zeros(20, np.float32)}}
-    q = pj.kmeans_quantize(
-        params, 2, masks={"Dense_0": {"kernel": w != 0, "bias": np.ones(20, bool)}}
-    )
-    # 3-bit indices span gaps of at most 7: 79 - 1 = 78 needs 77 // 7 = 11 fillers
-    entries = 3 + 11
-    expected = -(-entries * (2 + 3) // 8) + 4 * 4 + 4 * 20
-    assert C.fixed_width_bytes(q, index_bits=3) == expected
-
-
 def test_quantize_model_shares_weights_and_keeps_the_masks():
     rng = np.random.default_rng(0)
     params = jax.tree_util.tree_map(lambda x: rng.normal(size=x.shape).astype(np.float32), _lenet())
@@ -80,6 +68,11 @@ def test_quantize_model_shares_weights_and_keeps_the_masks():
     assert [r["weights_kept"] for r in rows] == [
         int(np.count_nonzero(masks[n]["kernel"])) for n in ("Dense_0", "Dense_1", "Dense_2")
     ]
+    # the layers' bytes by part are the file's, minus the file's own overhead
+    report = pj.size_report(q)
+    assert sum(r["bytes"] for r in rows) <= report.file_bytes
+    assert sum(r["parts"]["indices"] for r in rows) == report.breakdown["indices"]
+    assert all(r["bits_per_index"] > 0 and r["value_bits"] <= 3 + 1e-9 for r in rows)
 
 
 def _row(stage, d, b, val, nbytes, test=None):
@@ -124,3 +117,62 @@ def test_command_line_rejects_bad_points_and_settings(capsys):
         C.settings_of(args)
     assert main(["compress", "--prune-fraction", "0", "--out", "/nonexistent/x"]) == 2
     assert "--prune-fraction" in capsys.readouterr().err
+
+
+@needs_mnist
+def test_compress_end_to_end_on_a_tiny_subset(tmp_path):
+    argv = [
+        "compress",
+        "--split",
+        "test",
+        "--points",
+        "0.01/3/0,0.01/3/4",
+        "--seeds",
+        "0",
+        "--train-limit",
+        "512",
+        "--batch-size",
+        "128",
+        "--dense-epochs",
+        "1",
+        "--prune-epochs",
+        "1",
+        "--quant-epochs",
+        "1",
+        "--update-every",
+        "1",
+        "--out",
+        str(tmp_path),
+    ]
+    assert main(argv) == 0
+    res = json.loads((tmp_path / "compression.json").read_text())
+    assert res["selected_on"] == "validation" and res["split"] == "test"
+    assert res["command"] == "prunejax " + " ".join(argv)
+    from prunejax.apps.mnist.data import load_mnist
+
+    d = load_mnist()
+    comp = [s for s in res["stages"] if s["stage"] == "compressed"]
+    assert {(s["bits"], s["bias_bits"]) for s in comp} == {(3, 0), (3, 4)}
+    for s in res["stages"]:
+        path = s["path"]
+        assert os.path.getsize(path) == s["file_bytes"]
+        loaded = pj.load(path)  # a plain float tree mlp_apply runs
+        assert all(np.asarray(x).dtype == np.float32 for x in jax.tree_util.tree_leaves(loaded))
+        err = float(np.sum(np.argmax(pj.mlp_apply(loaded, d.x_test), -1) != d.y_test)) / 10_000
+        assert err == s["test_error"]
+    for s in comp:
+        assert s["no_entropy_bytes"] >= s["file_bytes"]  # auto never loses to fixed width
+        q = pj.load(s["path"], quantized=True)
+        k = q["Dense_0"]["kernel"]
+        assert isinstance(k, pj.Quantized) and k.bits == 3
+        assert int(np.count_nonzero(np.asarray(k.mask))) == s["layers"][0]["weights_kept"]
+        assert isinstance(q["Dense_0"]["bias"], pj.Quantized) == (s["bias_bits"] == 4)
+    pruned = next(s for s in res["stages"] if s["stage"] == "pruned")
+    assert pruned["file_bytes"] > max(s["file_bytes"] for s in comp)
+    # the artifact: the smallest file of the configuration chosen on validation for 100x
+    art = tmp_path / f"lenet300_compressed{pj.fileformat.EXTENSION}"
+    assert res["file_bytes"] == os.path.getsize(art) <= res["dense_file_bytes"] // 100
+    err = float(np.sum(np.argmax(pj.mlp_apply(pj.load(art), d.x_test), -1) != d.y_test))
+    assert err / 10_000 == res["test_error"]
+    assert res["test_error_std"] == 0.0 and res["seeds"] == [0]
+    assert (tmp_path / "compression.md").is_file() and (tmp_path / "compression.png").is_file()

@@ -54,7 +54,6 @@ from prunejax.apps.mnist.optimizer import make_optimizer
 from prunejax.apps.mnist.plots import plot_error_vs_size
 from prunejax.apps.mnist.recipe import layer_densities
 from prunejax.apps.mnist.train import TrainConfig, fit_scan
-from prunejax.quantize import is_quantized
 
 __all__ = [
     "ALLOCATIONS",
@@ -65,7 +64,6 @@ __all__ = [
     "kernel_allocation",
     "quantize_model",
     "compressed_stage",
-    "fixed_width_bytes",
     "layer_rows",
     "pruned_stage",
     "run_grid",
@@ -280,47 +278,35 @@ def quantize_model(params: PyTree, masks: PyTree, bits: int, bias_bits: int = 0)
     return pj.kmeans_quantize(params, table, masks=masks, where=lambda p, x: True)
 
 
-def fixed_width_bytes(q: PyTree, index_bits: int = 5) -> int:
-    """Bytes of Deep Compression's storage WITHOUT entropy coding (a computed size, no file).
-
-    Every kept weight of a quantized kernel costs its ``b``-bit code plus a fixed-width relative
-    index (``index_bits``, row-major order); a gap longer than ``2**index_bits - 1`` costs filler
-    entries (a zero code and the largest index) as in the paper; each codebook costs 4 bytes a
-    centroid and each float leaf 4 bytes an entry.
+def layer_rows(q: PyTree) -> list[dict[str, Any]]:
+    """Per kernel of a quantized model: shape, weights kept, code width, and from
+    :func:`prunejax.size_report` the layer's bytes in the ``format="auto"`` file by part.
 
     Args:
-      q: a params tree with ``Quantized`` kernels.
-      index_bits: the relative-index width.
+      q: the quantized params.
 
     Returns:
-      The total in bytes (each leaf rounded up to whole bytes).
+      One dict per layer: ``layer``, ``shape``, ``weights``, ``weights_kept``,
+      ``bits_per_weight`` (code width), ``value_bits`` and ``bits_per_index`` (entropy-coded
+      bits per kept weight), ``bytes`` (kernel, bias and their header entries) and ``parts``.
     """
-    total = 0
-    span = 2**index_bits - 1
-    for leaf in jax.tree_util.tree_leaves(q, is_leaf=is_quantized):
-        if not is_quantized(leaf):
-            total += 4 * int(np.size(leaf))
-            continue
-        pos = np.flatnonzero(np.asarray(leaf.mask).ravel())
-        gaps = np.diff(np.concatenate([[-1], pos]))
-        entries = int(np.sum(np.maximum(0, (gaps - 1) // span))) + len(pos)
-        bits = entries * (leaf.bits + index_bits)
-        total += -(-bits // 8) + 4 * int(np.size(leaf.codebook))
-    return total
-
-
-def layer_rows(q: PyTree) -> list[dict[str, Any]]:
-    """Per kernel of a quantized model: shape, weights, weights kept and bits per weight."""
+    parts = {row.name: row.parts for row in pj.size_report(q).layers}
     rows = []
     for name in sorted(q, key=lambda n: int(n.split("_")[-1])):
         k = q[name]["kernel"]
+        kept = int(np.count_nonzero(np.asarray(k.mask)))
+        pr = parts.get(name) or {}
         rows.append(
             {
                 "layer": name,
                 "shape": list(k.shape),
                 "weights": k.size,
-                "weights_kept": int(np.count_nonzero(np.asarray(k.mask))),
+                "weights_kept": kept,
                 "bits_per_weight": k.bits,
+                "value_bits": 8 * pr["values"] / kept if pr and kept else None,
+                "bits_per_index": 8 * pr["indices"] / kept if pr and kept else None,
+                "bytes": int(sum(pr.values())) if pr else None,
+                "parts": dict(pr),
             }
         )
     return rows
@@ -341,7 +327,7 @@ class Stage:
     file_bytes: int
     val_error: float
     test_error: float | None
-    fixed_width_bytes: int | None = None
+    no_entropy_bytes: int | None = None
     layers: list[dict[str, Any]] = dataclasses.field(default_factory=list)
     path: str | None = None
 
@@ -401,8 +387,9 @@ def _measure(
 
 
 def pruned_stage(trainer: Trainer, pruned: PyTree, masks: PyTree, path: Path, meta: dict) -> Stage:
-    """The pruned float32 model saved with :func:`prunejax.save` (its sparse encodings), reloaded
-    and scored.
+    """The pruned float32 model (pruning alone: no weight sharing, no entropy coding) saved with
+    :func:`prunejax.save` in the smaller of its plain sparse encodings (``bitmask`` or ``csr``),
+    reloaded and scored.
 
     Args:
       trainer: the run's trainer (its split decides whether the test error is measured).
@@ -413,7 +400,9 @@ def pruned_stage(trainer: Trainer, pruned: PyTree, masks: PyTree, path: Path, me
     Returns:
       The ``"pruned"`` stage.
     """
-    nbytes, val, test = _measure(trainer, path, pruned, masks=masks)
+    sizes = {f: pj.save(path, pruned, masks=masks, format=f) for f in ("csr", "bitmask")}
+    fmt = min(sizes, key=sizes.get)
+    nbytes, val, test = _measure(trainer, path, pruned, masks=masks, format=fmt)
     rows = [
         {
             "layer": n,
@@ -421,27 +410,19 @@ def pruned_stage(trainer: Trainer, pruned: PyTree, masks: PyTree, path: Path, me
             "weights": int(np.size(masks[n]["kernel"])),
             "weights_kept": int(np.count_nonzero(masks[n]["kernel"])),
             "bits_per_weight": 32,
+            "format": fmt,
         }
         for n in sorted(pruned, key=lambda n: int(n.split("_")[-1]))
     ]
-    return Stage(
-        "pruned",
-        meta["seed"],
-        meta["density"],
-        None,
-        None,
-        nbytes,
-        val,
-        test,
-        None,
-        rows,
-        str(path),
-    )
+    d = meta["density"]
+    return Stage("pruned", meta["seed"], d, None, None, nbytes, val, test, None, rows, str(path))
 
 
 def compressed_stage(trainer: Trainer, q: PyTree, path: Path, meta: dict) -> Stage:
-    """The quantized model saved with :func:`prunejax.save` (entropy-coded codes and relative
-    indices), reloaded into a plain float tree and scored.
+    """The quantized model saved with :func:`prunejax.save` (``format="auto"``: entropy-coded
+    codes and relative indices where smaller), reloaded into a plain float tree and scored; and
+    the same model saved with ``format="qrelative"`` (fixed-width codes and relative indices, no
+    entropy coding: the ``no_entropy_bytes`` point).
 
     Args:
       trainer: the run's trainer.
@@ -450,8 +431,11 @@ def compressed_stage(trainer: Trainer, q: PyTree, path: Path, meta: dict) -> Sta
       meta: ``seed``, ``density``, ``bits``, ``bias_bits``.
 
     Returns:
-      The ``"compressed"`` stage (with :func:`fixed_width_bytes` for the same model).
+      The ``"compressed"`` stage.
     """
+    ext = pj.fileformat.EXTENSION
+    plain = path.with_name(path.name.removesuffix(ext) + "_qrelative" + ext)
+    no_entropy = pj.save(plain, q, format="qrelative")
     nbytes, val, test = _measure(trainer, path, q)
     return Stage(
         "compressed",
@@ -462,7 +446,7 @@ def compressed_stage(trainer: Trainer, q: PyTree, path: Path, meta: dict) -> Sta
         nbytes,
         val,
         test,
-        fixed_width_bytes(q),
+        int(no_entropy),
         layer_rows(q),
         str(path),
     )
@@ -560,7 +544,7 @@ def summarize(stages: Sequence[Stage]) -> list[dict[str, Any]]:
       stages: :func:`run_grid`'s stages.
 
     Returns:
-      Rows with ``seeds``, ``file_bytes`` (mean) and ``file_bytes_max``, ``fixed_width_bytes``,
+      Rows with ``seeds``, ``file_bytes`` (mean) and ``file_bytes_max``, ``no_entropy_bytes``,
       ``val_error_mean``/``_std`` and, when measured, ``test_error_mean``/``_std``.
     """
     groups: dict[tuple, list[Stage]] = {}
@@ -571,7 +555,7 @@ def summarize(stages: Sequence[Stage]) -> list[dict[str, Any]]:
         vm, vs = _mean_std([x.val_error for x in sts])
         tests = [x.test_error for x in sts if x.test_error is not None]
         tm, ts = _mean_std(tests) if tests else (None, None)
-        fw = [x.fixed_width_bytes for x in sts if x.fixed_width_bytes is not None]
+        fw = [x.no_entropy_bytes for x in sts if x.no_entropy_bytes is not None]
         rows.append(
             {
                 "stage": stage,
@@ -581,7 +565,7 @@ def summarize(stages: Sequence[Stage]) -> list[dict[str, Any]]:
                 "seeds": [x.seed for x in sts],
                 "file_bytes": statistics.fmean(x.file_bytes for x in sts),
                 "file_bytes_max": max(x.file_bytes for x in sts),
-                "fixed_width_bytes": statistics.fmean(fw) if fw else None,
+                "no_entropy_bytes": statistics.fmean(fw) if fw else None,
                 "val_error_mean": vm,
                 "val_error_std": vs,
                 "test_error_mean": tm,
@@ -797,7 +781,7 @@ def format_table(row: dict[str, Any], stage: Stage, dense_bytes: int) -> str:
         "layer",
         "weights",
         "kept",
-        "bits/weight",
+        "bits/weight (coded)",
         "bits/index",
         "bytes",
         "paper kept",
@@ -813,7 +797,8 @@ def format_table(row: dict[str, Any], stage: Stage, dense_bytes: int) -> str:
                 lay["layer"],
                 f"{lay['weights']:,}",
                 f"{kept:,} ({100 * kept / lay['weights']:.2f}%)",
-                str(lay["bits_per_weight"]),
+                str(lay["bits_per_weight"])
+                + ("" if lay.get("value_bits") is None else f" ({lay['value_bits']:.2f})"),
                 "—" if lay.get("bits_per_index") is None else f"{lay['bits_per_index']:.2f}",
                 "—" if lay.get("bytes") is None else f"{lay['bytes']:,}",
                 f"{100 * pl.get('weights_kept', 0):.0f}%",
@@ -976,17 +961,19 @@ def _markdown(result: dict[str, Any], rows: list[dict[str, Any]]) -> str:
         "",
         "## Every configuration",
         "",
-        "Fixed-width bytes: the same quantized model stored with fixed-width codes and 5-bit "
-        "relative indices (the paper's layout before Huffman coding), computed, not written.",
+        'No-entropy bytes: the same quantized model saved with `format="qrelative"` '
+        "(fixed-width codes and fixed-width relative indices with escapes, the paper's layout "
+        "before Huffman coding). Pruned rows: float32 weights in the smaller of the `csr` and "
+        "`bitmask` encodings.",
         "",
-        "| stage | weights kept | bits (weights/biases) | file bytes | ratio | fixed-width bytes "
+        "| stage | weights kept | bits (weights/biases) | file bytes | ratio | no-entropy bytes "
         "| validation error | test error |",
         "| --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     dense = result["dense_file_bytes"]
     for r in sorted(rows, key=lambda r: (r["stage"] != "dense", -r["density"], r["file_bytes"])):
         bits = "32/32" if r["bits"] is None else f"{r['bits']}/{r['bias_bits'] or 32}"
-        fw = "—" if r["fixed_width_bytes"] is None else f"{r['fixed_width_bytes']:,.0f}"
+        fw = "—" if r["no_entropy_bytes"] is None else f"{r['no_entropy_bytes']:,.0f}"
         lines.append(
             f"| {r['stage']} | {100 * r['density']:.2f}% | {bits} | {r['file_bytes']:,.0f} | "
             f"{dense / r['file_bytes']:.1f}x | {fw} | "
@@ -1004,7 +991,7 @@ def _write(out: Path, result: dict[str, Any], rows: list[dict[str, Any]]) -> Non
     std = key.replace("mean", "std")
     series: dict[str, list] = {
         "pruning alone (float32 sparse file)": [],
-        "+ weight sharing (fixed-width codes, computed)": [],
+        "+ weight sharing (fixed-width codes and indices)": [],
         "+ entropy coding (the file)": [],
     }
     labels = list(series)
@@ -1013,7 +1000,7 @@ def _write(out: Path, result: dict[str, Any], rows: list[dict[str, Any]]) -> Non
         if r["stage"] == "pruned":
             series[labels[0]].append((r["file_bytes"], *pt))
         elif r["stage"] == "compressed":
-            series[labels[1]].append((r["fixed_width_bytes"], *pt))
+            series[labels[1]].append((r["no_entropy_bytes"], *pt))
             series[labels[2]].append((r["file_bytes"], *pt))
     for lab in labels[1:]:  # the best error at each size: the Pareto front of each stage
         front, best = [], float("inf")
