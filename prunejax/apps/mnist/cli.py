@@ -69,6 +69,10 @@ __all__ = [
 ]
 
 SCHEDULES = ("iterative", "oneshot", "polynomial")
+VALIDATION_HELP = (
+    "hold out the last N training images and report errors on them instead of the test set "
+    "(choose settings this way; 10000 is the documented split)"
+)
 say = tqdm.write  # progress lines that do not break a running tqdm bar
 
 
@@ -161,13 +165,7 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="overall kernel density; per-layer densities keep Han's proportions",
     )
-    p.add_argument(
-        "--validation",
-        type=int,
-        default=0,
-        help="hold out the last N training images and report errors on them instead of the "
-        "test set (choose settings this way; 10000 is the documented split)",
-    )
+    p.add_argument("--validation", type=int, default=0, help=VALIDATION_HELP)
     p.add_argument("--resume", action="store_true", help="continue from the checkpoints in --out")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     compress.add_parser(sub)

@@ -776,6 +776,30 @@ def _pct(v: float | None, sd: float | None = None) -> str:
     return f"{100 * v:.2f}%" if sd is None else f"{100 * v:.2f} ± {100 * sd:.2f}%"
 
 
+def _layer_lines(stage: Stage) -> list[tuple[str, ...]]:
+    """The per-layer lines of :func:`format_table`."""
+    paper = PAPER_LENET_300_100
+    lines = []
+    for lay in stage.layers:
+        pl = paper["layers"].get(lay["layer"], {})
+        kept = lay["weights_kept"]
+        lines.append(
+            (
+                lay["layer"],
+                f"{lay['weights']:,}",
+                f"{kept:,} ({100 * kept / lay['weights']:.2f}%)",
+                str(lay["bits_per_weight"])
+                + ("" if lay.get("value_bits") is None else f" ({lay['value_bits']:.2f})"),
+                "—" if lay.get("bits_per_index") is None else f"{lay['bits_per_index']:.2f}",
+                "—" if lay.get("bytes") is None else f"{lay['bytes']:,}",
+                f"{100 * pl.get('weights_kept', 0):.0f}%",
+                str(pl.get("bits_per_weight", "")),
+                str(pl.get("bits_per_index", "")),
+            )
+        )
+    return lines
+
+
 def format_table(row: dict[str, Any], stage: Stage, dense_bytes: int) -> str:
     """Deep Compression's Table 2 for one configuration, next to the paper's LeNet-300-100.
 
@@ -799,24 +823,7 @@ def format_table(row: dict[str, Any], stage: Stage, dense_bytes: int) -> str:
         "paper bits/w",
         "paper bits/idx",
     )
-    lines = [head]
-    for lay in stage.layers:
-        pl = paper["layers"].get(lay["layer"], {})
-        kept = lay["weights_kept"]
-        lines.append(
-            (
-                lay["layer"],
-                f"{lay['weights']:,}",
-                f"{kept:,} ({100 * kept / lay['weights']:.2f}%)",
-                str(lay["bits_per_weight"])
-                + ("" if lay.get("value_bits") is None else f" ({lay['value_bits']:.2f})"),
-                "—" if lay.get("bits_per_index") is None else f"{lay['bits_per_index']:.2f}",
-                "—" if lay.get("bytes") is None else f"{lay['bytes']:,}",
-                f"{100 * pl.get('weights_kept', 0):.0f}%",
-                str(pl.get("bits_per_weight", "")),
-                str(pl.get("bits_per_index", "")),
-            )
-        )
+    lines = [head, *_layer_lines(stage)]
     tw = sum(x["weights"] for x in stage.layers)
     tk = sum(x["weights_kept"] for x in stage.layers)
     known = [x["bytes"] for x in stage.layers if x.get("bytes") is not None]
