@@ -110,8 +110,8 @@ class CompressSettings:
     prune_epochs: int = 30
     prune_fraction: float = 0.6
     update_every: int = 100
-    quant_epochs: int = 3
-    quant_lr: float = 1e-4
+    quant_epochs: int = 2
+    quant_lr: float = 1e-3
     allocation: str = "erk"
 
 
