@@ -114,7 +114,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--hidden", type=_ints, default=(300, 100), help="hidden widths")
     p.add_argument("--epochs", type=int, default=None, help="dense epochs (default 20; quick 3)")
     p.add_argument("--batch-size", type=int, default=128)
-    p.add_argument("--lr", type=float, default=1e-3, help="dense Adam learning rate")
+    p.add_argument("--lr", type=float, default=5e-3, help="dense Adam learning rate")
     p.add_argument("--lr-schedule", default="cosine", choices=("cosine", "exponential", "constant"))
     p.add_argument(
         "--dropout",
