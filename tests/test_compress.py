@@ -176,3 +176,12 @@ def test_compress_end_to_end_on_a_tiny_subset(tmp_path):
     assert err / 10_000 == res["test_error"]
     assert res["test_error_std"] == 0.0 and res["seeds"] == [0]
     assert (tmp_path / "compression.md").is_file() and (tmp_path / "compression.png").is_file()
+
+    # per-seed runs side by side, merged into one report (here: the same run twice)
+    out2 = tmp_path / "merged"
+    src = str(tmp_path / "compression.json")
+    assert main(["compress", "--merge", f"{src},{src}", "--out", str(out2), "--no-artifact"]) == 0
+    merged = json.loads((out2 / "compression.json").read_text())
+    assert merged["seeds"] == [0, 0] and merged["command"].count("prunejax compress") == 3
+    row = next(r for r in merged["summary"] if r["stage"] == "compressed" and r["bias_bits"] == 4)
+    assert row["seeds"] == [0, 0] and row["test_error_std"] == 0.0

@@ -675,6 +675,9 @@ def add_parser(sub: Any) -> argparse.ArgumentParser:
     p.add_argument("--no-artifact", action="store_true", help="do not copy the smallest 100x file")
     p.add_argument("--name", default="compression", help="stem of the report files in --out")
     p.add_argument("--files", type=Path, default=None, help="model files folder (--out/files)")
+    p.add_argument(
+        "--merge", default=None, help="combine the JSON reports of per-seed runs (same settings)"
+    )
     return p
 
 
@@ -738,6 +741,8 @@ def run(args: argparse.Namespace, log: Callable[[str], None] = print) -> dict[st
     Returns:
       The contents of ``<out>/compression.json``.
     """
+    if args.merge:
+        return merge(args, args.merge.split(","), log)
     t0 = time.perf_counter()
     settings, points = settings_of(args), points_of(args)
     data = load_mnist(args.data_dir, validation=VALIDATION_SIZE)
@@ -1052,3 +1057,36 @@ def _write(out: Path, result: dict[str, Any], rows: list[dict[str, Any]]) -> Non
         targets=targets,
         ylabel=f"{result['split']} error (%)",
     )
+
+
+def merge(args: argparse.Namespace, paths: Sequence[str], log: Callable[[str], None]) -> dict:
+    """One report from the reports of runs that differ only in their seeds (run side by side).
+
+    Args:
+      args: the parsed arguments (``--out``, ``--name``, ``--no-artifact``).
+      paths: the runs' JSON reports.
+      log: where the tables go.
+
+    Returns:
+      The merged report, as written.
+
+    Raises:
+      ValueError: the runs' settings or splits differ.
+    """
+    parts = [json.loads(Path(p).read_text()) for p in paths]
+    first = parts[0]
+    for p, part in zip(paths, parts, strict=True):
+        if (part["settings"], part["split"]) != (first["settings"], first["split"]):
+            raise ValueError(f"{p} was run with other settings or split than {paths[0]}")
+    stages = [Stage(**st) for part in parts for st in part["stages"]]
+    command = " ; ".join([*(part["command"] for part in parts), "prunejax " + " ".join(args.argv)])
+    args.split = first["split"]
+    args.seeds = [s for part in parts for s in part["seeds"]]
+    settings = CompressSettings(**first["settings"])
+    wall = sum(part["wall_seconds"] for part in parts)
+    result = report(args, settings, stages, wall, first["train_examples"])
+    result["command"] = command
+    result["merged_from"] = [str(p) for p in paths]
+    _write(args.out, result, result["summary"])
+    log(result["text"])
+    return result
