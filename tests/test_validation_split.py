@@ -82,3 +82,13 @@ def test_load_mnist_validation_is_the_documented_split():
     np.testing.assert_array_equal(again.x_val, d.x_val)
     with pytest.raises(ValueError, match="validation must be >= 0"):
         load_mnist(validation=-1)
+
+
+def test_main_job_validation_option(tmp_path, capsys):
+    from prunejax.apps.mnist.cli import build_parser, main
+
+    assert build_parser().parse_args(["mnist"]).validation == 0  # test split by default
+    assert build_parser().parse_args(["mnist", "--validation", "10000"]).validation == 10_000
+    if _mnist_available():
+        assert main(["mnist", "--validation", "-1", "--out", str(tmp_path)]) == 2
+        assert "validation must be >= 0" in capsys.readouterr().err
