@@ -36,8 +36,8 @@ XLA CPU): ~25-30 minutes with the topology updates, compilation and evaluation. 
 as separate processes (``--seeds 0``, ``--seeds 1``, ...) and be combined with ``--merge``.
 Wall time in the table is per seed: the method's own training plus the dense pre-training it
 builds on (lottery ticket: plus every earlier round).  Training is the MNIST application's
-whole-epoch runner (:func:`prunejax.apps.mnist.fit_scan`: jitted ``lax.scan`` epochs with the full training set on
-the device, :func:`prunejax.apps.mnist.shift_images` inside the scan).
+whole-epoch runner (:func:`prunejax.apps.mnist.fit_scan`: jitted ``lax.scan`` epochs with the
+full training set on the device, :func:`prunejax.apps.mnist.shift_images` inside the scan).
 Training uses the first 50,000 training images; the last 10,000 are the validation split
 (``--validation``) on which the settings were chosen; every run records its validation and test
 error, and progress lines show the validation error only.
