@@ -86,6 +86,8 @@ def plot_error_vs_size(
 
     fig, ax = plt.subplots(figsize=(7, 4.5), dpi=120)
     lo = min([p[0] for pts in series.values() for p in pts] + [b for b, _, _ in targets]) / 1.5
+    ys = [p[1] - p[2] for pts in series.values() for p in pts]
+    bottom = max(0.0, min(ys + [DEEP_COMPRESSION_LENET_300_100[1]]) - 0.2)
     for i, (label, pts) in enumerate(series.items()):
         pts = sorted(pts)
         if not pts:
@@ -95,9 +97,10 @@ def plot_error_vs_size(
     px, py = DEEP_COMPRESSION_LENET_300_100
     ax.plot([px], [py], "s", color="C3", ms=8, label="Deep Compression (Han et al. 2016)")
     for j, (bx, by, lab) in enumerate(targets):
-        ax.vlines(bx, 0, by, colors=f"C{5 + j}", linestyles=":", lw=1)
+        ax.vlines(bx, bottom, by, colors=f"C{5 + j}", linestyles=":", lw=1)
         ax.hlines(by, lo, bx, colors=f"C{5 + j}", linestyles=":", lw=1, label=lab)
     ax.set_xscale("log")
+    ax.set_ylim(bottom=bottom)
     ax.set_xlabel("model file (bytes, everything needed to run it)")
     ax.set_ylabel(ylabel)
     ax.set_title(title, fontsize=9)
