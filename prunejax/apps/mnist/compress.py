@@ -905,6 +905,13 @@ def report(
     """Write ``compression.json``, ``compression.md`` and ``compression.png`` under ``--out``
     (and, on the test split, the artifact of the 100x configuration chosen on validation).
 
+    Args:
+      args: the parsed arguments (``out``, ``name``, ``split``, ``seeds``, ``argv``).
+      settings: the run's settings.
+      stages: :func:`run_grid`'s stages.
+      wall: the run's wall time in seconds.
+      train_examples: the number of training images.
+
     Returns:
       The JSON's contents, with ``"text"``: the tables as printed.
     """
