@@ -292,3 +292,32 @@ def test_size_report_breakdown_sums_to_the_file_for_plain_formats(fmt):
     if fmt == "dense":
         assert report.breakdown["indices"] == 0
         assert report.breakdown["values"] == 4 * (40 * 24 + 24 * 10)
+
+
+def test_quantized_biases_and_activation_in_auto(tmp_path):
+    params, masks = _mlp(seed=5)
+    q = pj.kmeans_quantize(
+        params,
+        {"Dense_0/kernel": 4, "Dense_1/kernel": 4, "Dense_0/bias": 3, "Dense_1/bias": 2},
+        masks=jax.tree.map(lambda m: m if m.ndim == 2 else np.ones_like(m), masks),
+        where=lambda path, leaf: True,
+    )
+    assert isinstance(q["Dense_0"]["bias"], Quantized)
+    f = tmp_path / "b.safetensors"
+    n = save(f, q, activation=jax.nn.relu)  # quantized trees are never compacted
+    header = load_header(f)
+    assert header["compaction"] is None
+    encs = {leaf["path"]: leaf["encoding"] for leaf in header["leaves"]}
+    assert encs["Dense_0/bias"] == "qdense"  # every bias entry is kept
+    assert n == pj.size_report(q, path=f).predicted_file_bytes["auto"]
+    assert pj.size_report(q).breakdown["biases"] < 4 * (24 + 10)
+    back = load(f, quantized=True)
+    for leaf in ("kernel", "bias"):
+        _assert_same_quantized(back["Dense_1"][leaf], q["Dense_1"][leaf])
+    # a compact file of a quantized tree holds its dequantized, compacted weights
+    m = save(tmp_path / "c", q, format="compact", activation=jax.nn.relu)
+    x = np.random.default_rng(0).normal(size=(4, 40)).astype(np.float32)
+    np.testing.assert_allclose(
+        pj.mlp_apply(load(tmp_path / "c"), x), pj.mlp_apply(pj.dequantize(q), x), atol=1e-5
+    )
+    assert m > n

@@ -221,3 +221,21 @@ def test_nearest_codes_ties_and_bfloat16_weights():
     q = pj.kmeans_quantize({"k": w}, 3)["k"]
     assert q.dtype == "bfloat16"
     assert pj.dequantize({"k": q})["k"].dtype == jnp.bfloat16
+
+
+def test_the_module_docstring_example_runs():
+    import textwrap
+
+    import prunejax.quantize as quantize_module
+
+    doc = quantize_module.__doc__
+    block = doc.split("::\n\n", 1)[1].split("\n\n``codebook_grads", 1)[0]
+    scope: dict = {}
+    exec(textwrap.dedent(block), scope)  # noqa: S102 - the documented example itself
+    q, params, masks = scope["q"], scope["params"], scope["masks"]
+    k = q["Dense_0"]["kernel"]
+    fresh = pj.kmeans_quantize(params, bits=2, masks=masks)["Dense_0"]["kernel"]
+    assert np.array_equal(k.codes, fresh.codes) and np.array_equal(
+        k.mask, masks["Dense_0"]["kernel"]
+    )
+    assert not np.array_equal(np.asarray(k.codebook), fresh.codebook)  # the centroids trained
