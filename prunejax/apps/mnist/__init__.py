@@ -2,7 +2,8 @@
 
 One concept per module:
 
-* :mod:`~prunejax.apps.mnist.data` — MNIST via ``tfds.data_source`` (offline, cached), batches.
+* :mod:`~prunejax.apps.mnist.data` — MNIST via ``tfds.data_source`` (offline, cached), the
+  validation split (the last 10,000 training images), batches.
 * :mod:`~prunejax.apps.mnist.augment` — random translations, on the host and inside ``jit``.
 * :mod:`~prunejax.apps.mnist.optimizer` — Adam(W) with a decaying learning rate.
 * :mod:`~prunejax.apps.mnist.train` — the train step, :func:`fit` (host loop with checkpoints
@@ -10,8 +11,11 @@ One concept per module:
 * :mod:`~prunejax.apps.mnist.checkpoint` — atomic, checked checkpoints.
 * :mod:`~prunejax.apps.mnist.recipe` — iterative (Han et al. 2015) and gradual (Zhu & Gupta
   2017) pruning drivers, Han's per-layer budgets and mask rules.
-* :mod:`~prunejax.apps.mnist.plots` — the error-vs-density plot.
-* :mod:`~prunejax.apps.mnist.cli` — the ``prunejax mnist`` command line.
+* :mod:`~prunejax.apps.mnist.plots` — the error-vs-density and error-vs-file-size plots.
+* :mod:`~prunejax.apps.mnist.compress` — ``prunejax compress``: Deep Compression (Han, Mao &
+  Dally 2016) of LeNet-300-100, every setting chosen on the validation split.
+* :mod:`~prunejax.apps.mnist.cli` — the ``prunejax mnist`` and ``prunejax compress`` command
+  lines.
 """
 
 from prunejax.apps.mnist.augment import random_shift, shift_images
@@ -24,12 +28,14 @@ from prunejax.apps.mnist.checkpoint import (
 from prunejax.apps.mnist.data import (
     MNIST,
     MNIST_TRAIN_LABEL_COUNTS,
+    VALIDATION_SIZE,
     batch_indices,
     batches,
     epoch_order,
     find_data_dir,
     load_mnist,
     num_batches,
+    split_validation,
 )
 from prunejax.apps.mnist.optimizer import make_optimizer
 from prunejax.apps.mnist.recipe import (
@@ -62,6 +68,7 @@ __all__ = [
     "FitResult",
     "RoundResult",
     "TrainConfig",
+    "VALIDATION_SIZE",
     "batch_indices",
     "batches",
     "classifier_loss",
@@ -86,5 +93,6 @@ __all__ = [
     "save_checkpoint",
     "scan_epoch",
     "shift_images",
+    "split_validation",
     "train_step",
 ]

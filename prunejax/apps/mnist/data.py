@@ -22,6 +22,7 @@ __all__ = [
     "DEFAULT_DATA_DIR",
     "MNIST",
     "MNIST_TRAIN_LABEL_COUNTS",
+    "VALIDATION_SIZE",
     "batch_indices",
     "batches",
     "data_candidates",
@@ -30,22 +31,32 @@ __all__ = [
     "find_data_dir",
     "load_mnist",
     "num_batches",
+    "split_validation",
 ]
 
 MNIST_TRAIN_LABEL_COUNTS = (5923, 6742, 5958, 6131, 5842, 5421, 5918, 6265, 5851, 5949)
 DEFAULT_DATA_DIR = Path("data") / "tensorflow_datasets"
 """The documented default, relative to the current working directory (a clone's root)."""
 _SPLIT_SIZES = {"train": 60_000, "test": 10_000}
+VALIDATION_SIZE = 10_000
+"""The documented validation split: the LAST 10,000 of MNIST's 60,000 training images (in the
+TFDS record order), held out from training whenever a setting is chosen."""
 _CACHE_VERSION = 1
 
 
 class MNIST(NamedTuple):
-    """MNIST arrays: images float32 in ``[0, 1]`` of shape ``(n, 784)``, labels int32 ``(n,)``."""
+    """MNIST arrays: images float32 in ``[0, 1]`` of shape ``(n, 784)``, labels int32 ``(n,)``.
+
+    ``x_val``/``y_val`` hold the validation split when one was held out
+    (:func:`split_validation`, ``load_mnist(validation=...)``), else ``None``.
+    """
 
     x_train: np.ndarray
     y_train: np.ndarray
     x_test: np.ndarray
     y_test: np.ndarray
+    x_val: np.ndarray | None = None
+    y_val: np.ndarray | None = None
 
 
 # ----------------------------------------------------------------------------- finding the data
@@ -194,7 +205,44 @@ def _write_cache(cache_file: Path, arrays: dict[str, np.ndarray]) -> None:
         pass
 
 
-def load_mnist(data_dir: str | os.PathLike | None = None, *, cache: bool = True) -> MNIST:
+def split_validation(data: MNIST, n: int = VALIDATION_SIZE) -> MNIST:
+    """Hold out the LAST ``n`` training examples as a validation split.
+
+    The split is deterministic (no shuffling: the last ``n`` rows in the TFDS record order), so
+    every run and every seed sees the same validation images, disjoint from the training ones.
+    Settings are chosen on this split; the test split is read only for the final report.
+
+    Args:
+      data: MNIST without a validation split.
+      n: validation size, ``1 <= n < len(data.x_train)`` (default :data:`VALIDATION_SIZE`).
+
+    Returns:
+      :class:`MNIST` whose ``x_train``/``y_train`` are the first ``len - n`` examples and
+      ``x_val``/``y_val`` the last ``n``; the test split unchanged.
+
+    Raises:
+      ValueError: ``data`` already has a validation split, or ``n`` is out of range.
+    """
+    if data.x_val is not None:
+        raise ValueError("data already holds a validation split")
+    total = len(data.x_train)
+    check_int(n, name="validation", minimum=1)
+    if n >= total:
+        raise ValueError(f"validation ({n}) must be smaller than the training split ({total})")
+    k = total - n
+    return MNIST(
+        x_train=data.x_train[:k],
+        y_train=data.y_train[:k],
+        x_test=data.x_test,
+        y_test=data.y_test,
+        x_val=data.x_train[k:],
+        y_val=data.y_train[k:],
+    )
+
+
+def load_mnist(
+    data_dir: str | os.PathLike | None = None, *, cache: bool = True, validation: int = 0
+) -> MNIST:
     """Load MNIST (LeCun et al. 1998) as NumPy arrays, offline.
 
     Args:
@@ -202,14 +250,19 @@ def load_mnist(data_dir: str | os.PathLike | None = None, *, cache: bool = True)
       cache: read/write the decoded arrays in :func:`prunejax._util.cache_dir` (keyed by the
         source path and its files' sizes and times).  An unwritable cache directory is skipped
         silently.
+      validation: hold out the last ``validation`` training examples as ``x_val``/``y_val``
+        (:func:`split_validation`; the documented choice is :data:`VALIDATION_SIZE`, 10,000);
+        0 keeps all 60,000 for training.
 
     Returns:
       :class:`MNIST` with ``x_*`` float32 in ``[0, 1]`` of shape ``(n, 784)`` and ``y_*`` int32:
-      60,000 training and 10,000 test examples.
+      60,000 training (minus ``validation``) and 10,000 test examples.
 
     Raises:
       FileNotFoundError: MNIST was not found (the message says where it looked).
+      ValueError: ``validation`` is negative or not smaller than 60,000.
     """
+    check_int(validation, name="validation", minimum=0)
     src = find_data_dir(data_dir)
     cache_file = cache_dir() / f"mnist-{_source_key(src)}.npz"
     arrays = _read_cache(cache_file) if cache else None
@@ -218,12 +271,13 @@ def load_mnist(data_dir: str | os.PathLike | None = None, *, cache: bool = True)
         _check(arrays, str(src))
         if cache:
             _write_cache(cache_file, arrays)
-    return MNIST(
+    data = MNIST(
         x_train=arrays["x_train"].astype(np.float32) / 255.0,
         y_train=arrays["y_train"].astype(np.int32),
         x_test=arrays["x_test"].astype(np.float32) / 255.0,
         y_test=arrays["y_test"].astype(np.int32),
     )
+    return split_validation(data, validation) if validation else data
 
 
 # ----------------------------------------------------------------------------- batching
