@@ -41,6 +41,7 @@ from prunejax.distributions import (
     uniform_sparsity,
 )
 from prunejax.fileformat import FileFormatError, load, load_header, save
+from prunejax.graph import GraphCompacted, UnitGroup, compact_graph
 from prunejax.lottery import LotteryRound, imp_step, lottery_ticket, random_reinit, rewind
 from prunejax.masks import (
     SparsityReport,
@@ -126,6 +127,7 @@ __all__ = [
     "DSTState",
     "FitResult",
     "FileFormatError",
+    "GraphCompacted",
     "LayerSize",
     "LotteryRound",
     "MaskableDense",
@@ -137,11 +139,13 @@ __all__ = [
     "SizeReport",
     "SparsityReport",
     "TrainConfig",
+    "UnitGroup",
     "apply_masks",
     "batches",
     "block_masks",
     "combine",
     "compact",
+    "compact_graph",
     "compaction_plan",
     "constant_sparsity",
     "cosine_drop_fraction",

@@ -302,7 +302,7 @@ def _walk(g: _Graph, jaxpr: Any, consts: list[_Node], ins: list[_Node]) -> list[
         sub = _subjaxpr(eqn)
         if sub is not None:
             sub_jaxpr, sub_consts = sub
-            cnodes = [_constant(g, c, jax.core.get_aval(c)) for c in sub_consts]
+            cnodes = [_constant(g, c, jax.typeof(c)) for c in sub_consts]
             outs = _walk(g, sub_jaxpr, cnodes, args)
         else:
             outs = [g.node(v.aval) for v in eqn.outvars]
@@ -788,7 +788,7 @@ def _trace(apply_fn: Callable, model: _Model, example_input: Any) -> _Traced:
     for node in input_nodes:
         for s in node.slots:
             g.slots.reason(s, "carries the model input")
-    consts = [_constant(g, c, jax.core.get_aval(c)) for c in closed.consts]
+    consts = [_constant(g, c, jax.typeof(c)) for c in closed.consts]
     for node in _walk(g, jaxpr, consts, leaf_nodes + input_nodes):
         node.users.append(-1)
         for s in node.slots:
@@ -993,31 +993,38 @@ class _Target(NamedTuple):
 
 
 def _fold_target(g: _Graph, c: _Consumer) -> _Target | None:
-    """The bias added right after dense consumer ``c`` (a parameter used there alone), or
-    None when a constant input cannot be folded (convolution, no bias, batched dot)."""
+    """The bias added right after dense consumer ``c`` (possibly through transposes, as under
+    ``vmap``; a parameter used there alone), or None when a constant input cannot be folded
+    (convolution, no bias, batched dot)."""
     op = g.ops[c.op]
-    if op.prim.name != "dot_general":
+    if op.prim.name != "dot_general" or op.params["dimension_numbers"][1][0]:
         return None
-    (lc, rc), (lb, _) = op.params["dimension_numbers"]
     out = op.outs[0]
-    if lb or len(out.users) != 1 or out.users[0] < 0:
+    node, perm = out, list(range(len(out.shape)))  # axis i of node is axis perm[i] of out
+    while len(node.users) == 1 and node.users[0] >= 0:
+        user = g.ops[node.users[0]]
+        if user.prim.name != "transpose":
+            break
+        perm = [perm[p] for p in user.params["permutation"]]
+        node = user.outs[0]
+    if len(node.users) != 1 or node.users[0] < 0:
         return None
-    user = g.ops[out.users[0]]
+    user = g.ops[node.users[0]]
     if user.prim.name not in ("add", "add_any") or len(user.ins) != 2:
         return None
-    bias = user.ins[1] if user.ins[0] is out else user.ins[0]
-    if bias is out or bias.data or bias.prov is None or not _sole_chain(g, bias):
+    bias = user.ins[1] if user.ins[0] is node else user.ins[0]
+    if bias is node or bias.data or bias.prov is None or not _sole_chain(g, bias):
         return None
-    n_act_free = len(op.ins[c.act].shape) - len(lc)
+    n_act_free = len(op.ins[c.act].shape) - len(op.params["dimension_numbers"][0][0])
     n_out = len(out.shape)
     out_axes = list(range(n_act_free, n_out) if c.act == 0 else range(n_out - n_act_free))
     for ax in range(n_out):
-        mapped = bias.prov[1][ax] is not None and bias.shape[ax] == out.shape[ax]
-        if ax in out_axes and not mapped:
+        mapped = bias.prov[1][ax] is not None and bias.shape[ax] == node.shape[ax]
+        if perm[ax] in out_axes and not mapped:
             return None
-        if ax not in out_axes and bias.shape[ax] != 1 and bias.prov[1][ax] is not None:
+        if perm[ax] not in out_axes and bias.shape[ax] != 1 and bias.prov[1][ax] is not None:
             return None
-    leaf_axes = [bias.prov[1][ax] for ax in out_axes]
+    leaf_axes = [bias.prov[1][perm.index(d)] for d in out_axes]
     if sorted(leaf_axes) != list(range(len(g.leaf_slots[bias.prov[0]]))):
         return None
     return _Target(bias.prov[0], leaf_axes, out_axes)
@@ -1125,7 +1132,8 @@ def _layers(g: _Graph, groups: list[_Group], model: _Model, cut: list[np.ndarray
     widths: dict[str, Any] = {}
     removed: dict[str, Any] = {}
     for leaf, axes in per_leaf.items():
-        layer = parent_path(model.paths[leaf]) or model.paths[leaf]
+        path = model.paths[leaf].removesuffix("/value")  # nnx.State leaves end in /value
+        layer = parent_path(path) or path
         w = tuple(int(cut[leaf].shape[a]) for a in axes)
         r = tuple(removed_of[(leaf, a)] for a in axes)
         widths[layer] = w[0] if len(w) == 1 else w
