@@ -53,6 +53,11 @@ __all__ = [
     "per_leaf_values",
     "check_same_structure",
     "dense_layers",
+    "LAYOUTS",
+    "unit_axis",
+    "is_bias_shape",
+    "split_layer_key",
+    "sibling_path",
     "find_instances",
     "find_state",
     "BIAS_NAMES",
@@ -357,8 +362,10 @@ class DenseLayer:
 
     Attributes:
       name: the layer's name (the kernel's parent path for named kernels, else its path).
-      kernel: index of the ``(in, out)`` kernel leaf.
-      bias: index of the paired 1-D bias leaf, or ``None``.
+      kernel: index of the kernel leaf (``(in, out)``, or ``(out, in)`` under
+        ``layout="out_in"``; a conv kernel with ``conv=True``).
+      bias: index of the paired bias leaf (1-D, or ``(out, 1, ..., 1)`` under ``"out_in"``),
+        or ``None``.
       kind: how the kernel was recognised: ``"named"`` (its key is a kernel name, see
         :func:`kernel_name_suffix`), ``"sequence"`` (an element of a list/tuple, the Keras
         ``get_weights()`` layout) or ``"unnamed"`` (any other 2-D leaf, e.g. a dict entry
@@ -429,37 +436,115 @@ def _in_sequence(keypath: tuple) -> bool:
     return bool(keypath) and isinstance(keypath[-1], jax.tree_util.SequenceKey)
 
 
-def _next_leaf_bias(i: int, paths: list[str], leaves: list[Any]) -> int | None:
-    """The sequence convention: the next leaf, if 1-D of the kernel's width, same parent."""
+LAYOUTS = ("in_out", "out_in")
+
+
+def unit_axis(layout: str) -> int:
+    """The axis of a kernel that holds its output units: ``-1`` for ``"in_out"`` (Flax, Keras:
+    ``(in, out)``, conv ``(h, w, in, out)``), ``0`` for ``"out_in"`` (Equinox, PyTorch:
+    ``(out, in)``, conv ``(out, in, h, w)``).
+
+    Raises:
+      ValueError: ``layout`` is neither.
+    """
+    if layout not in LAYOUTS:
+        raise ValueError(f"layout must be 'in_out' or 'out_in', got {layout!r}")
+    return -1 if layout == "in_out" else 0
+
+
+def is_bias_shape(shape: tuple, kernel_shape: tuple, layout: str) -> bool:
+    """True if ``shape`` is a bias of the units of a kernel of ``kernel_shape``: ``(out,)``, or
+    for a conv kernel under ``"out_in"`` also ``(out, 1, ..., 1)`` with one 1 per spatial axis
+    (Equinox ``Conv`` biases)."""
+    shape, kernel_shape = tuple(shape), tuple(kernel_shape)
+    width = kernel_shape[unit_axis(layout)]
+    if shape == (width,):
+        return True
+    return (
+        layout == "out_in"
+        and len(shape) == len(kernel_shape) - 1 >= 2
+        and shape[0] == width
+        and set(shape[1:]) == {1}
+    )
+
+
+def _next_leaf_bias(
+    i: int, paths: list[str], leaves: list[Any], layout: str = "in_out"
+) -> int | None:
+    """The sequence convention: the next leaf, if a bias of the kernel's width, same parent."""
     j = i + 1
     if (
         j < len(leaves)
-        and ndim(leaves[j]) == 1
         and parent_path(paths[j]) == parent_path(paths[i])
-        and leaves[j].shape[0] == leaves[i].shape[1]
+        and hasattr(leaves[j], "shape")
+        and is_bias_shape(leaves[j].shape, leaves[i].shape, layout)
     ):
         return j
     return None
 
 
-def dense_layers(params: PyTree, *, what: str = "params") -> list[DenseLayer]:
+def split_layer_key(path: str) -> tuple[str, str]:
+    """``(layer, name)`` of a leaf path: ``"Dense_0/kernel"`` -> ``("Dense_0", "kernel")``; a
+    PyTorch-style dotted key ``"fc1.weight"`` (or ``"net/0.weight"``) -> ``("fc1", "weight")``.
+    """
+    par, last = parent_path(path), last_key(path)
+    if "." in last:
+        stem, last = last.rsplit(".", 1)
+        return (f"{par}/{stem}" if par else stem), last
+    return par, last
+
+
+def sibling_path(path: str, name: str) -> str:
+    """The path of the leaf called ``name`` in the same layer as ``path`` (see
+    :func:`split_layer_key`): ``("Dense_0/kernel", "bias")`` -> ``"Dense_0/bias"``,
+    ``("fc1.weight", "bias")`` -> ``"fc1.bias"``."""
+    last = last_key(path)
+    if "." in last:
+        return path.rsplit(".", 1)[0] + "." + name
+    par = parent_path(path)
+    return f"{par}/{name}" if par else name
+
+
+def _is_kernel(leaf: Any, conv: bool) -> bool:
+    return ndim(leaf) == 2 or (conv and ndim(leaf) >= 3)
+
+
+def dense_layers(
+    params: PyTree, *, what: str = "params", layout: str = "in_out", conv: bool = False
+) -> list[DenseLayer]:
     """Find the dense layers of an MLP pytree, in forward order, with their paired biases.
 
-    Conventions recognised (kernels are ``(in, out)``, as in Flax and Keras):
+    Conventions recognised (kernels are ``(in, out)``, as in Flax and Keras, unless ``layout``
+    says ``(out, in)``):
       * sibling leaves ``kernel``/``bias`` in a dict (Flax ``{"Dense_0": {"kernel", "bias"}}``;
-        also ``weight``/``bias`` and ``w``/``b``); layers are ordered by the *natural* order of
-        their paths, so ``Dense_10`` comes after ``Dense_9``;
+        also ``weight``/``bias`` and ``w``/``b``, and PyTorch-style dotted keys
+        ``{"fc1.weight", "fc1.bias"}``); layers are ordered by the *natural* order of their
+        paths, so ``Dense_10`` comes after ``Dense_9``;
       * sibling leaves named with a matching suffix: ``W``/``b``, ``w1``/``b1``, ``W_2``/``b_2``,
         ``kernel3``/``bias3`` (a flat ``{"w1", "b1", "w2", "b2"}`` dict); if no bias of that
         name exists, the sequence convention below applies;
-      * a flat sequence ``[W1, b1, W2, b2, ...]`` (Keras ``get_weights()``), where a 2-D leaf is
-        paired with the next leaf if that one is 1-D of length ``W.shape[1]``; sequences of
-        ``(W, b)`` tuples pair the same way.  Other 2-D leaves (kind ``"unnamed"``) pair by the
-        same rule, but they may not be layers at all: see ``DenseLayer.kind``.
+      * a flat sequence ``[W1, b1, W2, b2, ...]`` (Keras ``get_weights()``), where a kernel is
+        paired with the next leaf if that one is a bias of the kernel's width (1-D of length
+        ``W.shape[1]``); sequences of ``(W, b)`` tuples pair the same way.  Other kernels (kind
+        ``"unnamed"``) pair by the same rule, but they may not be layers at all: see
+        ``DenseLayer.kind``.
+
+    The order is the paths' natural order, which is the forward order for Flax's ``Dense_0``,
+    ``Dense_1``, ..., Equinox's ``layers/0``, ``layers/1``, ... and Keras lists, but not for
+    every naming (``features`` after ``classifier``): check it where it matters.
+
+    Args:
+      params: the parameter pytree.
+      what: the tree's name in error messages.
+      layout: ``"in_out"`` (default; Flax, Keras: units are the last axis) or ``"out_in"``
+        (Equinox ``Linear.weight``, PyTorch state dicts: units are the first axis, and a bias
+        may also be ``(out, 1, ..., 1)`` as in Equinox ``Conv``).
+      conv: also count leaves of ``ndim >= 3`` (conv kernels) as kernels.
 
     Returns:
-      One ``DenseLayer`` per 2-D leaf, in forward order.
+      One ``DenseLayer`` per kernel (2-D leaf, or ``ndim >= 2`` with ``conv``), in forward order.
     """
+    unit_axis(layout)
     paths, leaves, _ = flatten(params, what=what)
     keypaths = [
         kp for kp, _ in jax.tree_util.tree_flatten_with_path(params, is_leaf=is_matrix_object)[0]
@@ -467,24 +552,26 @@ def dense_layers(params: PyTree, *, what: str = "params") -> list[DenseLayer]:
     by_path = {p: i for i, p in enumerate(paths)}
     used_bias: set[int] = set()
     named = []
-    for i in (i for i, leaf in enumerate(leaves) if ndim(leaf) == 2):
+    for i in (i for i, leaf in enumerate(leaves) if _is_kernel(leaf, conv)):
         p = paths[i]
-        par, last = parent_path(p), last_key(p)
+        layer, last = split_layer_key(p)
         bias = None
         if last in KERNEL_NAMES or (
             kernel_name_suffix(last) is not None and not _in_sequence(keypaths[i])
         ):
             for bname in bias_names_for(last):
-                j = by_path.get(f"{par}/{bname}" if par else bname)
-                if j is not None and ndim(leaves[j]) == 1:
+                j = by_path.get(sibling_path(p, bname))
+                if j is not None and (
+                    ndim(leaves[j]) == 1 or is_bias_shape(leaves[j].shape, leaves[i].shape, layout)
+                ):
                     bias = j
                     break
             if bias is None and last not in KERNEL_NAMES:
-                bias = _next_leaf_bias(i, paths, leaves)
-            named.append((par or p, i, bias, "named"))
+                bias = _next_leaf_bias(i, paths, leaves, layout)
+            named.append((layer or p, i, bias, "named"))
             continue
         kind = "sequence" if _in_sequence(keypaths[i]) else "unnamed"
-        named.append((p, i, _next_leaf_bias(i, paths, leaves), kind))
+        named.append((p, i, _next_leaf_bias(i, paths, leaves, layout), kind))
     # natural order of the layer names; sequence layers keep flatten order (already natural)
     named.sort(key=lambda t: _natural_key(t[0]))
     layers: list[DenseLayer] = []

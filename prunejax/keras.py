@@ -16,14 +16,17 @@ pytree, so every mask builder accepts it.  This module makes the Keras side firs
   weights with their moving averages after the last step) and a context manager that releases
   the constraints on exit.  The constraints live on the variables only, not in the layer configs,
   so a saved ``.keras`` file needs nothing from prunejax to load.
-* :func:`compact_model`: a NEW, narrower ``keras.Sequential`` with the dead hidden units removed
-  (``prunejax.compact.compact`` layer by layer, bias folding included), same layer configs and
-  activations, predictions equal to the masked model's.
+* :func:`compact_model`: a NEW, narrower ``keras.Sequential`` (or Functional model, for a
+  Functional input) with the dead hidden units removed (``prunejax.compact.compact`` layer by
+  layer, bias folding included), same layer configs and activations, predictions equal to the
+  masked model's.
 * :func:`save_model`: an atomic ``.keras`` file for inference (architecture and weights, no
   optimizer state), which loads without prunejax.
 
-Layers :func:`compact_model` accepts (a ``keras.Sequential`` whose only weighted layers are
-``Dense``):
+Models :func:`compact_model` accepts: a ``keras.Sequential``, or a Functional model
+(``keras.Model(inputs, outputs)``) that is one chain of layers from its single input to its single
+output (no layer consumes two tensors, no output feeds two layers, no layer is called twice), whose
+only weighted layers are ``Dense``.  Layers, in call order:
 
 * ``Dense``: hidden ones are narrowed; the last ``Dense`` keeps its units.  Its activation must be
   elementwise (``relu``, ``tanh``, ``gelu``, ``sigmoid``, ... — not ``softmax``) unless it is the
@@ -39,8 +42,10 @@ Layers :func:`compact_model` accepts (a ``keras.Sequential`` whose only weighted
 
 Anything else (``BatchNormalization``, ``Conv2D``, ``LayerNormalization``, ``Embedding``, a LoRA or
 quantized ``Dense``, ``Flatten`` between ``Dense`` layers, ``Softmax`` between hidden layers, a
-functional or subclassed model) raises ``ValueError``/``TypeError`` naming the layer: compacting
-through such a layer would silently build a wrong model.
+``keras.ops`` call between ``Dense`` layers of a Functional graph (use
+``keras.layers.Activation``), a branch or merge (``Add``, ``Concatenate``, a ``Dense`` output read
+by two layers), a subclassed model) raises ``ValueError``/``TypeError`` naming the layer:
+compacting through such a layer would silently build a wrong model.
 
 Requires Keras 3 (``pip install prunejax[keras]``); works with any Keras backend.  Measuring
 models side by side (accuracy, file bytes, jitted latency) is the business of
@@ -133,10 +138,13 @@ def _cls(layer: Any) -> str:
 
 @dataclass(frozen=True)
 class _Plan:
-    """A validated Sequential MLP: its Dense layers and each hidden layer's activation chain."""
+    """A validated MLP: its layers in call order (with the keyword arguments each is called with
+    in a Functional graph), its Dense layers and each hidden layer's activation chain."""
 
     dense: list[Any]
     activations: list[Callable[[Any], Any]]  # one per hidden Dense layer
+    layers: list[Any]
+    call_kwargs: list[dict[str, Any]]
 
 
 def _require_keras_model(model: Any) -> None:
@@ -149,15 +157,80 @@ def _require_keras_model(model: Any) -> None:
         )
 
 
+def _is_functional(model: Any) -> bool:
+    """A model built by ``keras.Model(inputs, outputs)`` (not a subclass, whose ``call`` may do
+    anything)."""
+    cls = type(model)
+    return cls.__name__ == "Functional" and cls.__module__.startswith("keras.")
+
+
+def _node_name(node: Any) -> str:
+    op = node.operation
+    return f"{'layer' if isinstance(op, keras.layers.Layer) else 'op'} {op.name!r} ({_cls(op)})"
+
+
+def _functional_chain(model: Any) -> tuple[list[Any], list[dict[str, Any]]]:
+    """The layers of a Functional model that is one chain from its input to its output, in call
+    order, with the non-tensor keyword arguments of each call.
+
+    Raises:
+      ValueError: several inputs or outputs, a layer called twice or on several tensors, or a
+        tensor consumed by several layers (the message names them).
+    """
+    if len(model.inputs) != 1 or len(model.outputs) != 1:
+        raise ValueError(
+            f"compact_model handles chains from one input to one output; model {model.name!r} "
+            f"has {len(model.inputs)} inputs and {len(model.outputs)} outputs"
+        )
+    nodes = [n for depth in sorted(model._nodes_by_depth, reverse=True)
+             for n in model._nodes_by_depth[depth]]  # fmt: skip
+    consumers: dict[int, list[Any]] = {}
+    for node in nodes:
+        for t in node.input_tensors:
+            consumers.setdefault(id(t), []).append(node)
+    for node in nodes:
+        for t in node.outputs:
+            users = consumers.get(id(t), [])
+            if len(users) > 1:
+                raise ValueError(
+                    f"the output of {_node_name(node)} is consumed by {len(users)} layers "
+                    f"({', '.join(_node_name(u) for u in users)}); compact_model handles chains "
+                    "of layers, where each output feeds one layer"
+                )
+    for node in nodes:
+        if len(node.input_tensors) > 1:
+            raise ValueError(
+                f"{_node_name(node)} takes {len(node.input_tensors)} tensors; compact_model "
+                "handles chains of layers, where removing a Dense unit changes one layer after it"
+            )
+    ops = [n.operation for n in nodes]
+    for op in ops:
+        if ops.count(op) > 1:
+            raise ValueError(
+                f"layer {op.name!r} is called {ops.count(op)} times in model {model.name!r}; "
+                "compact_model handles chains in which each layer is called once"
+            )
+    chain = [n for n in nodes if _cls(n.operation) != "InputLayer"]
+    return [n.operation for n in chain], [dict(n.arguments.kwargs) for n in chain]
+
+
+def _model_layers(model: Any) -> tuple[list[Any], list[dict[str, Any]]]:
+    """The layers of a Sequential, or the chain of a Functional model, in call order."""
+    if isinstance(model, keras.Sequential):
+        return list(model.layers), [{} for _ in model.layers]
+    if _is_functional(model):
+        return _functional_chain(model)
+    raise TypeError(
+        f"compact_model needs a keras.Sequential or a Functional model (keras.Model(inputs, "
+        f"outputs)), got {type(model).__name__} {model.name!r}, whose call it cannot see; "
+        "rebuild the MLP as a Sequential or a Functional chain of Dense layers"
+    )
+
+
 def _plan(model: Any) -> _Plan:
     """Validate ``model`` for compaction; see the module docstring for the rules."""
     _require_keras_model(model)
-    if not isinstance(model, keras.Sequential):
-        raise TypeError(
-            f"compact_model needs a keras.Sequential, got {type(model).__name__} "
-            f"{model.name!r}; rebuild the MLP as a Sequential of Dense layers"
-        )
-    layers = list(model.layers)
+    layers, call_kwargs = _model_layers(model)
     dense_pos = [i for i, layer in enumerate(layers) if isinstance(layer, keras.layers.Dense)]
     if len(dense_pos) < 1:
         raise ValueError(f"model {model.name!r} has no Dense layer: nothing to compact")
@@ -181,7 +254,7 @@ def _plan(model: Any) -> _Plan:
             if i != last:
                 _check_elementwise(layer.activation, what)
             continue
-        if layer.weights:
+        if getattr(layer, "weights", None):
             raise ValueError(
                 f"{what} holds weights ({', '.join(w.path for w in layer.weights)}); compaction "
                 "handles MLPs whose only weighted layers are Dense, because removing a unit "
@@ -208,7 +281,7 @@ def _plan(model: Any) -> _Plan:
             layer for layer in layers[a + 1 : b] if _cls(layer) in _ACTIVATION_LAYERS
         ]
         activations.append(_compose(chain))
-    return _Plan(dense, activations)
+    return _Plan(dense, activations, layers, call_kwargs)
 
 
 def _compose(chain: list[Callable[[Any], Any]]) -> Callable[[Any], Any]:
@@ -294,39 +367,75 @@ def magnitude_masks(
     return list(masks_lib.magnitude_masks(model.get_weights(), sparsity, scope=scope, where=where))
 
 
+def _kernel_bias_pairs(model: Any) -> dict[int, int]:
+    """``kernel position -> bias position`` in ``get_weights()`` for every layer with a kernel
+    and a 1-D bias of its output width (``Dense``, ``Conv1D``/``2D``/``3D``, ...)."""
+    index = _weight_index(model)
+    pairs = {}
+
+    def walk(layers: Iterable[Any]) -> None:
+        for layer in layers:
+            kernel, bias = getattr(layer, "kernel", None), getattr(layer, "bias", None)
+            if (
+                id(kernel) in index
+                and id(bias) in index
+                and tuple(bias.shape) == tuple(kernel.shape[-1:])
+            ):
+                pairs[index[id(kernel)]] = index[id(bias)]
+            elif hasattr(layer, "layers"):
+                walk(layer.layers)
+
+    walk(model.layers)
+    return pairs
+
+
 def unit_masks(
-    model: Any, sparsity: Any, *, ord: int | float = 2, where: Where | None = None
+    model: Any,
+    sparsity: Any,
+    *,
+    ord: int | float = 2,
+    where: Where | None = None,
+    prune_output: bool = False,
 ) -> Masks:
     """Unit (neuron) masks (Molchanov et al. 2017; Li et al. 2017) for a Keras model.
 
-    Prunes the ``round(sparsity * units)`` columns of smallest ``ord``-norm of each selected
-    ``Dense`` kernel and the layer's own bias entries for them (paired by layer, so a
-    ``BatchNormalization`` vector next to a bias-free kernel is never mistaken for its bias).
+    Prunes the ``round(sparsity * units)`` units of smallest ``ord``-norm of each selected
+    kernel (``Dense`` columns; ``Conv`` filters, if ``where`` selects them) and the layer's own
+    bias entries for them (paired by layer, so a ``BatchNormalization`` vector next to a
+    bias-free kernel is never mistaken for its bias).
 
     Args:
       model: a built ``keras.Model``.
       sparsity: fraction of units pruned per selected kernel, or a per-position mapping.
       ord: norm order of the unit ranking.
       where: ``(path, leaf) -> bool`` over ``get_weights()`` positions (default:
-        :func:`hidden_dense_where`, all ``Dense`` kernels but the output layer's).
+        :func:`hidden_dense_where`, all ``Dense`` kernels but the output layer's; with
+        ``prune_output=True``, all ``Dense`` kernels).  Given, it decides alone.
+      prune_output: by default the last ``Dense`` layer keeps its units (the model's outputs).
 
     Returns:
       One boolean array per ``model.weights`` entry (True = kept).
 
     Raises:
-      ValueError: ``where`` selects a weight that is not 2-D, or a bad sparsity.
+      ValueError: ``where`` selects a 1-D weight, or a bad sparsity.
     """
-    where = hidden_dense_where(model) if where is None else where
+    if where is None:
+        if prune_output:
+            every = {str(k) for _, k, _ in dense_layers(model)}
+            where = lambda path, leaf: path in every  # noqa: E731
+        else:
+            where = hidden_dense_where(model)
     weights = model.get_weights()
-    masks = list(masks_lib.unit_masks(weights, sparsity, ord=ord, where=where))
+    # where (which knows the layers) decides; the core's output-layer default would guess the
+    # last layer from the flat list
+    masks = list(masks_lib.unit_masks(weights, sparsity, ord=ord, where=where, prune_output=True))
     # Re-pair biases by layer (the list heuristic pairs a kernel with the next 1-D weight).
-    kernels = {k: b for _, k, b in dense_layers(model)}
     for i, w in enumerate(weights):
         if w.ndim < 2:
             masks[i] = np.ones(w.shape, bool)
-    for k, b in kernels.items():
-        if b is not None:
-            masks[b] = np.asarray(masks[k]).all(axis=0)
+    for k, b in _kernel_bias_pairs(model).items():
+        m = np.asarray(masks[k])
+        masks[b] = m.all(axis=tuple(range(m.ndim - 1)))
     return [np.asarray(m) for m in masks]
 
 
@@ -535,14 +644,15 @@ def release_masks(model: Any) -> None:
 
 
 def compact_weights(model: Any, masks: Sequence[Any] | None = None) -> Compacted:
-    """Compacted ``get_weights()`` of a Sequential MLP (see :func:`compact_model`).
+    """Compacted ``get_weights()`` of a Sequential or Functional MLP (see :func:`compact_model`).
 
     Runs :func:`prunejax.compact.compact` on each pair of consecutive ``Dense`` layers with that
     hidden layer's own activation (so layers may use different elementwise activations), until no
     hidden unit is dead.
 
     Args:
-      model: a built ``keras.Sequential`` following the layer rules of this module.
+      model: a built ``keras.Sequential`` or Functional chain following the layer rules of this
+        module.
       masks: optional masks (one per ``model.weights`` entry) applied first.
 
     Returns:
@@ -590,25 +700,31 @@ def compact_weights(model: Any, masks: Sequence[Any] | None = None) -> Compacted
 
 
 def compact_model(model: Any, masks: Sequence[Any] | None = None) -> Any:
-    """A NEW, narrower ``keras.Sequential`` with the dead hidden units physically removed.
+    """A NEW, narrower model with the dead hidden units physically removed.
 
     Every layer is rebuilt from its config (``Dense`` with fewer ``units``, everything else as
     is), so activations, initializers, regularizers, dtype policies and names carry over; the
-    ``Dense`` layers get the compacted weights.  The new model's outputs equal the masked model's
-    (fp32 rounding of folded biases aside).  It is not compiled.
+    ``Dense`` layers get the compacted weights.  A ``keras.Sequential`` gives a
+    ``keras.Sequential``; a Functional model (``keras.Model(inputs, outputs)``) that is one chain
+    of layers from its input to its output gives a Functional model of the same chain, each layer
+    called with the same non-tensor keyword arguments (``training=False``, ...).  The new model's
+    outputs equal the masked model's (fp32 rounding of folded biases aside).  It is not compiled.
 
     Args:
-      model: a built ``keras.Sequential`` MLP; allowed layers: see the module docstring.
+      model: a built ``keras.Sequential`` or Functional MLP; allowed layers: see the module
+        docstring.
       masks: optional masks (one per ``model.weights`` entry) applied first; without them, the
         zeros already in the weights decide which units are dead.
 
     Returns:
-      The compacted ``keras.Sequential``.
+      The compacted model.
 
     Raises:
-      TypeError: ``model`` is not a ``keras.Sequential``.
-      ValueError: a layer that compaction cannot handle (the message names it), or masks that do
-        not match the model.
+      TypeError: ``model`` is neither a ``keras.Sequential`` nor a Functional model (a
+        subclassed model's ``call`` is not visible).
+      ValueError: a layer that compaction cannot handle, a branch (a layer's output consumed by
+        two layers, a layer taking two tensors, a layer called twice), several inputs or
+        outputs (the message names the layer), or masks that do not match the model.
     """
     small, kept = compact_weights(model, masks)
     plan = _plan(model)
@@ -616,22 +732,26 @@ def compact_model(model: Any, masks: Sequence[Any] | None = None) -> Any:
     inp = model.inputs[0] if getattr(model, "inputs", None) else None
     if inp is None:
         raise ValueError(f"model {model.name!r} has no known input shape; build it first")
-    new_layers: list[Any] = [keras.Input(shape=tuple(inp.shape[1:]), dtype=inp.dtype)]
-    dense_new = []
-    for layer in model.layers:
+    first = keras.Input(shape=tuple(inp.shape[1:]), dtype=inp.dtype)
+    new_layers: list[Any] = []
+    for layer in plan.layers:
         config = layer.get_config()
         if id(layer) in units:
             config["units"] = units[id(layer)]
-        new = type(layer).from_config(config)
-        new_layers.append(new)
-        if id(layer) in units:
-            dense_new.append(new)
-    out = keras.Sequential(new_layers, name=f"{model.name}_compact")
+        new_layers.append(type(layer).from_config(config))
+    if isinstance(model, keras.Sequential):
+        out = keras.Sequential([first, *new_layers], name=f"{model.name}_compact")
+    else:
+        x = first
+        for layer, kwargs in zip(new_layers, plan.call_kwargs, strict=True):
+            x = layer(x, **kwargs)
+        out = keras.Model(first, x, name=f"{model.name}_compact")
     pos = 0
-    for layer in dense_new:
-        n = 2 if layer.use_bias else 1
-        layer.set_weights(small[pos : pos + n])
-        pos += n
+    for old, layer in zip(plan.layers, new_layers, strict=True):
+        if id(old) in units:
+            n = 2 if layer.use_bias else 1
+            layer.set_weights(small[pos : pos + n])
+            pos += n
     return out
 
 

@@ -8,8 +8,11 @@ the JAX path works under ``jax.jit`` and ``jax.vmap``.
 Semantics shared by all builders:
 
 * Which leaves are pruned: by default every leaf with ``ndim >= 2`` (kernels); other leaves get
-  all-True masks.  A ``where(path, leaf) -> bool`` predicate overrides the default, e.g.
-  ``where=lambda path, leaf: path.startswith("Dense_0")``.
+  all-True masks.  A ``where(path, leaf) -> bool`` predicate overrides the default; keep an
+  ``ndim`` test in it so that biases stay out, e.g.
+  ``where=lambda path, leaf: path.startswith("Dense_0/") and leaf.ndim >= 2`` (a bare
+  ``path.startswith("Dense_0")`` selects ``Dense_0/bias`` too, and ``"Dense_1"`` matches
+  ``Dense_10``).
 * Counting: a leaf of ``n`` selected entries pruned at sparsity ``s`` has exactly ``round(s * n)``
   False entries, ``round`` being half-to-even as in NumPy.  Ties in the score are broken by flat
   index: the lower index is pruned first.  Concrete ``s`` is multiplied in float64; a *traced*
@@ -47,6 +50,7 @@ import numpy as np
 from prunejax._util import (
     PyTree,
     Where,
+    bias_names_for,
     check_block,
     check_finite,
     check_fraction,
@@ -56,11 +60,15 @@ from prunejax._util import (
     dense_layers,
     dtype_of,
     flatten,
+    is_bias_shape,
     is_jax,
     is_traced,
     parent_path,
     per_leaf_values,
     select,
+    sibling_path,
+    split_layer_key,
+    unit_axis,
 )
 
 __all__ = [
@@ -350,49 +358,125 @@ def magnitude_masks(
     return jax.tree_util.tree_unflatten(treedef, out)
 
 
-def _unit_biases(
-    params: PyTree, paths: list[str], leaves: list[Any], values: list[Any]
-) -> dict[int, int | None]:
-    """The bias paired with every pruned kernel (``dense_layers``), checked for width.
-
-    Warns when a pruned kernel has no paired bias but an unpaired 1-D leaf of its width sits
-    beside it (same parent): that leaf is probably its bias under a naming ``dense_layers``
-    does not know, and it would keep the pruned units' biases alive.
-    """
-    layers = dense_layers(params)
-    bias_of = {layer.kernel: layer.bias for layer in layers}
-    paired = {layer.bias for layer in layers if layer.bias is not None}
-    for i, v in enumerate(values):
-        if v is None:
-            continue
-        width = np.shape(leaves[i])[1]
-        b = bias_of.get(i)
-        if b is not None and np.shape(leaves[b]) != (width,):
+def _check_sibling_bias(
+    paths: list[str], leaves: list[Any], i: int, width: int, layout: str
+) -> None:
+    """Refuse a kernel whose sibling named as its bias is no bias of its units (a Flax attention
+    kernel ``(in, heads, head_dim)`` with its ``(heads, head_dim)`` bias, a wrong ``layout=``)."""
+    for name in bias_names_for(split_layer_key(paths[i])[1]):
+        sibling = sibling_path(paths[i], name)
+        if sibling in paths:
+            j = paths.index(sibling)
             raise ValueError(
-                f"unit_masks: bias {paths[b]!r} of kernel {paths[i]!r} has shape "
-                f"{np.shape(leaves[b])}, but the kernel has {width} output units"
+                f"unit_masks: bias {paths[j]!r} of kernel {paths[i]!r} has shape "
+                f"{np.shape(leaves[j])}, but the kernel has {width} output units along axis "
+                f"{unit_axis(layout)} (layout={layout!r}); pass the layout the kernel uses, or "
+                "exclude the kernel with where="
             )
-        if b is not None:
-            continue
-        par = parent_path(paths[i])
-        near = [
-            paths[j]
+
+
+def _warn_unpaired(
+    paths: list[str],
+    leaves: list[Any],
+    values: list[Any],
+    paired: set[int],
+    widths: dict[int, tuple[int, bool]],
+) -> None:
+    """Warn about unpaired 1-D leaves of a pruned kernel's width: beside it (probably its bias
+    under a naming ``dense_layers`` does not know) or elsewhere (a norm's scale/bias/statistics
+    that may follow those units, which the pytree alone cannot tell)."""
+    for i, (width, has_bias) in widths.items():
+        lone = [
+            j
             for j, leaf in enumerate(leaves)
-            if j not in paired
-            and values[j] is None
-            and parent_path(paths[j]) == par
-            and np.shape(leaf) == (width,)
+            if j not in paired and values[j] is None and np.shape(leaf) == (width,)
         ]
-        if near:
+        near = [paths[j] for j in lone if parent_path(paths[j]) == parent_path(paths[i])]
+        if near and not has_bias:
             warnings.warn(
                 f"unit_masks: kernel {paths[i]!r} has no paired bias, but the 1-D leaf "
                 f"{near[0]!r} beside it has its width ({width}) and keeps all its entries; if it "
                 "is the bias, name the pair kernel/bias (or w/b, W/b, w1/b1) or prune it with "
-                "the kernel mask's first row",
+                "the kernel mask's unit mask",
                 UserWarning,
-                stacklevel=3,
+                stacklevel=4,
             )
+            continue
+        far = [paths[j] for j in lone]
+        if far:
+            warnings.warn(
+                f"unit_masks: the 1-D leaves {far[:4]} have the width ({width}) of the pruned "
+                f"kernel {paths[i]!r} and keep all their entries; if one follows its units (a "
+                "norm's scale/bias, BatchNorm mean/var), a pruned unit is not dead until it is "
+                "masked too: set its mask from the kernel's unit mask, or compact through the "
+                "computation graph (prunejax.graph), which follows it",
+                UserWarning,
+                stacklevel=4,
+            )
+
+
+def _unit_biases(
+    paths: list[str], leaves: list[Any], values: list[Any], layers: list[Any], layout: str
+) -> dict[int, int | None]:
+    """The bias paired with every pruned kernel (``dense_layers``), checked for width.
+
+    Raises for a paired bias, or a sibling named as the bias, that is no bias of the kernel's
+    units; warns about unpaired 1-D leaves of a pruned kernel's width (``_warn_unpaired``).
+    """
+    bias_of = {layer.kernel: layer.bias for layer in layers}
+    paired = {layer.bias for layer in layers if layer.bias is not None}
+    widths: dict[int, tuple[int, bool]] = {}
+    for i, v in enumerate(values):
+        if v is None:
+            continue
+        width = np.shape(leaves[i])[unit_axis(layout)]
+        b = bias_of.get(i)
+        if b is not None and not is_bias_shape(np.shape(leaves[b]), np.shape(leaves[i]), layout):
+            raise ValueError(
+                f"unit_masks: bias {paths[b]!r} of kernel {paths[i]!r} has shape "
+                f"{np.shape(leaves[b])}, but the kernel has {width} output units"
+            )
+        if b is None:
+            _check_sibling_bias(paths, leaves, i, width, layout)
+        widths[i] = (width, b is not None)
+    _warn_unpaired(paths, leaves, values, paired, widths)
     return bias_of
+
+
+def _keep_output(
+    paths: list[str], values: list[Any], layers: list[Any], sparsity: Any
+) -> list[Any]:
+    """``values`` without the output layer's (the last layer in forward order; a named or
+    sequence layer before an ``"unnamed"`` matrix), warning where that leaves nothing pruned or
+    drops a value the per-leaf ``sparsity`` gave it by name."""
+    known = [layer for layer in layers if layer.kind != "unnamed"] or layers
+    if not known or values[known[-1].kernel] is None:
+        return values
+    out = known[-1].kernel
+    values = list(values)
+    values[out] = None
+    if all(v is None for v in values) or isinstance(sparsity, Mapping | list | tuple):
+        warnings.warn(
+            f"unit_masks: kernel {paths[out]!r} is the network's output layer (the last in "
+            "forward order), whose units are kept by default; pass prune_output=True to prune "
+            "it",
+            UserWarning,
+            stacklevel=3,
+        )
+    return values
+
+
+def _unit_mask(leaf: Any, s: Any, ord: Any, axis: int, use_jax: bool) -> tuple[Any, Any]:
+    """The mask of one kernel and its unit mask: units along ``axis`` ranked by the ``ord``-norm
+    over all other axes."""
+    xp = jnp if use_jax else np
+    w = xp.moveaxis(xp.asarray(leaf).astype(_norm_dtype(leaf, use_jax)), axis, 0)
+    norms = xp.linalg.norm(w.reshape(w.shape[0], -1), ord=ord, axis=1)
+    k = _num_pruned(s, norms.shape[0], use_jax)
+    units = keep_lowest_k(norms, k, use_jax)
+    shape = [1] * np.ndim(leaf)
+    shape[axis] = -1
+    return xp.broadcast_to(units.reshape(shape), np.shape(leaf)), units
 
 
 def unit_masks(
@@ -401,62 +485,79 @@ def unit_masks(
     *,
     ord: int | float = 2,
     where: Where | None = None,
+    layout: str = "in_out",
+    prune_output: bool = False,
 ) -> PyTree:
-    """Prune whole output units (neurons): the columns of ``(in, out)`` kernels with smallest norm.
+    """Prune whole output units (neurons, conv filters) with the smallest norm, with their biases.
 
     Unit (neuron) pruning as in Molchanov et al. (2017), "Pruning Convolutional Neural Networks
     for Resource Efficient Inference" and Li et al. (2017), "Pruning Filters for Efficient
-    ConvNets": rank the output units of each layer by the ``ord``-norm of their incoming weights
-    (column ``j`` of the kernel) and prune ``round(s * out)`` of them, ties by column index.
-    The bias entry paired with a pruned column is pruned too, with the pairing of
-    :func:`prunejax._util.dense_layers`: Flax ``kernel``/``bias`` siblings (also
-    ``weight``/``bias``, ``w``/``b``, ``W``/``b``, ``w1``/``b1``, ``W_2``/``b_2``), and the
-    ``[W, b, W, b, ...]`` layout of Keras ``get_weights()``.  A pruned kernel without a paired
-    bias but with an unpaired 1-D leaf of its width beside it (same parent) raises a
-    ``UserWarning`` naming that leaf, which keeps all its entries.  Norms of integer kernels
-    are computed in float64 (float32 under JAX without x64).
+    ConvNets": rank the output units of each kernel by the ``ord``-norm of their weights over
+    all other axes and prune ``round(s * units)`` of them, ties by unit index.  Units are the
+    last axis under ``layout="in_out"`` (Flax/Keras ``(in, out)``; conv ``(h, w, in, out)``, a
+    filter being one output channel) and the first under ``"out_in"`` (Equinox ``Linear.weight``
+    and PyTorch ``(out, in)``; conv ``(out, in, h, w)``).  The bias entry of a pruned unit is
+    pruned too, paired by :func:`prunejax._util.dense_layers`: ``kernel``/``bias`` siblings
+    (also ``weight``/``bias``, ``w``/``b``, ``W``/``b``, ``w1``/``b1``, PyTorch ``fc1.weight``/
+    ``fc1.bias``), the ``[W, b, ...]`` Keras list, Equinox ``Conv`` biases ``(out, 1, 1)``.
+
+    The network's output layer (the last kernel in ``dense_layers``' forward order) keeps its
+    units unless ``prune_output=True``: they are the model's outputs (classes).  Check the order
+    with ``dense_layers`` when layer names do not sort in forward order.
+
+    Norm parameters that follow a unit (LayerNorm/BatchNorm ``scale``/``bias``, BatchNorm
+    ``mean``/``var``) are not paired: the pytree alone does not say which layer they follow.  An
+    unpaired 1-D leaf of a pruned kernel's width raises a ``UserWarning`` naming it; until it is
+    masked too, a pruned unit is not dead.  The graph-based compaction of ``prunejax.graph``
+    follows them through the computation.  Norms of integer kernels are float64 (float32 under
+    JAX without x64).  Select layers with an ``ndim`` test, so biases stay out:
+    ``where=lambda path, leaf: path.startswith("Dense_0/") and leaf.ndim >= 2``.
 
     Args:
-      params: any pytree of arrays; every selected leaf must be 2-D ``(in, out)``.
+      params: any pytree of arrays; every selected leaf must have ``ndim >= 2``.
       sparsity: fraction of units to prune per selected kernel; number or per-leaf mapping.
       ord: the norm order, a positive number (``2`` = L2, ``1`` = L1, ``np.inf`` = max).
-      where: ``(path, leaf) -> bool`` selecting kernels (default: ``ndim >= 2``).
+      where: ``(path, leaf) -> bool`` selecting kernels (default: ``ndim >= 2``; a paired bias
+        of ``ndim >= 2``, as Equinox's ``(out, 1, 1)``, follows its kernel).
+      layout: ``"in_out"`` (default) or ``"out_in"``: which axis holds the units.
+      prune_output: also prune the output layer's units.
 
     Returns:
-      A pytree of boolean masks (True = kept): whole columns of kernels, matching bias entries.
+      A pytree of boolean masks (True = kept): whole units of kernels, matching bias entries.
 
     Raises:
-      ValueError: a selected leaf is not 2-D, a paired bias is not ``(out,)``, ``ord <= 0`` or
-        NaN, or a bad sparsity.
+      ValueError: a selected leaf is 1-D, a bias (or a sibling named as one) does not fit the
+        kernel's units, a bad ``layout``, ``ord <= 0`` or NaN, or a bad sparsity.
       TypeError: a selected leaf is complex or not numeric; ``ord`` is not a number.
     """
     o = check_number(ord, name="ord")
     if not o > 0:
         raise ValueError(f"ord must be a positive number (1, 2, np.inf, ...), got {ord!r}")
+    axis = unit_axis(layout)
     paths, leaves, treedef, selected = _validated(params, where)
     for p, leaf, s in zip(paths, leaves, selected, strict=True):
-        if s and np.ndim(leaf) != 2:
+        if s and np.ndim(leaf) < 2:
             raise ValueError(
-                f"unit_masks needs 2-D (in, out) kernels, but leaf {p!r} has shape "
+                f"unit_masks needs kernels (ndim >= 2), but leaf {p!r} has shape "
                 f"{np.shape(leaf)}; exclude it with where="
             )
+    layers = dense_layers(params, layout=layout, conv=True)
+    biases = {layer.bias for layer in layers if layer.bias is not None}
+    selected = [s and i not in biases for i, s in enumerate(selected)]
     use_jax = _use_jax(leaves, *_sparsity_leaves(sparsity))
     _check_jax_range(paths, leaves, selected, use_jax)
-    xp = jnp if use_jax else np
     values = per_leaf_values(sparsity, paths, selected, name="sparsity", check=_check_sparsity)
-    bias_of = _unit_biases(params, paths, leaves, values)
+    if not prune_output:
+        values = _keep_output(paths, values, layers, sparsity)
+    bias_of = _unit_biases(paths, leaves, values, layers, layout)
     out = [_ones_like(leaf, use_jax) for leaf in leaves]
     for i, (leaf, s) in enumerate(zip(leaves, values, strict=True)):
         if s is None:
             continue
-        w = xp.asarray(leaf).astype(_norm_dtype(leaf, use_jax))
-        norms = xp.linalg.norm(w, ord=ord, axis=0)
-        k = _num_pruned(s, norms.shape[0], use_jax)
-        cols = keep_lowest_k(norms, k, use_jax)
-        out[i] = xp.broadcast_to(cols[None, :], np.shape(leaf))
+        out[i], units = _unit_mask(leaf, s, ord, axis, use_jax)
         b = bias_of.get(i)
         if b is not None and not selected[b]:
-            out[b] = cols
+            out[b] = units.reshape(np.shape(leaves[b]))
     return jax.tree_util.tree_unflatten(treedef, out)
 
 

@@ -17,7 +17,14 @@ therefore matches ``save``'s output to the byte, which the tests check.
 FLOPs per example count multiply-adds as 2 FLOPs and ignore biases and activations: ``2 * in *
 out`` for a dense layer, ``2 * nnz`` for a sparse kernel (Han et al. 2015, "Learning both Weights
 and Connections for Efficient Neural Networks", Table 1 convention), ``2 * in' * out'`` for the
-compacted kernel.
+compacted kernel.  A conv kernel (``ndim >= 3``: Flax ``(h, w, in, out)``, PyTorch/Equinox
+``(out, in, h, w)``) costs those FLOPs at every output position: ``2 * kernel.size * H' * W'``
+(dense), ``2 * nnz * H' * W'`` (sparse), with ``H' x W'`` the layer's output spatial size.  The
+parameters alone do not say it (it depends on the input size, strides and padding), so
+``size_report(spatial={"Conv_0": (26, 26), ...})`` takes it per conv layer (``conv_spatial``
+finds it by tracing the model on an example input); without it a conv
+layer's FLOPs (and the totals) are ``None``, never a guess.  Taps on padding are counted, as
+most FLOP counters do (XLA's cost analysis leaves them out of ``SAME`` convs).
 """
 
 from __future__ import annotations
@@ -25,17 +32,18 @@ from __future__ import annotations
 import math
 import os
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
+import jax
 import numpy as np
 
-from prunejax._util import PyTree, dense_layers
+from prunejax._util import PyTree, dense_layers, flatten, is_int
 from prunejax.fileformat import EXTENSION, load_header, save
 from prunejax.fileformat.plan import Plan, check_format, leaf_bytes, plan_tree
 
-__all__ = ["LayerSize", "SizeReport", "size_report"]
+__all__ = ["LayerSize", "SizeReport", "conv_spatial", "size_report"]
 
 #: The per-layer byte columns of the report, in display order.
 COLUMNS = ("dense", "bitmask", "csr", "bcoo", "compact", "auto")
@@ -57,7 +65,8 @@ class LayerSize:
         ``"compact"`` when params are not a compactable MLP).
       auto_encodings: the encoding ``format="auto"`` picks for each leaf.
       compact_shape: the kernel's shape after compaction (``None`` if not compactable).
-      flops_dense, flops_sparse, flops_compact: FLOPs per example (0 for non-layer rows).
+      flops_dense, flops_sparse, flops_compact: FLOPs per example (0 for non-layer rows;
+        ``None`` for a conv layer whose output spatial size was not given).
       break_even: per sparse format, the largest density at which the kernel in that format
         takes no more file bytes than dense (0.0: never).
     """
@@ -71,8 +80,8 @@ class LayerSize:
     bytes: dict[str, int | None]
     auto_encodings: tuple[str, ...]
     compact_shape: tuple[int, ...] | None
-    flops_dense: int
-    flops_sparse: int
+    flops_dense: int | None
+    flops_sparse: int | None
     flops_compact: int | None
     break_even: dict[str, float]
 
@@ -133,8 +142,8 @@ class SizeReport:
             "density": nnz / params if params else 0.0,
             "dense_bytes": sum(r.dense_bytes for r in self.layers),
             "bytes": {c: tot([r.bytes[c] for r in self.layers]) for c in COLUMNS},
-            "flops_dense": sum(r.flops_dense for r in self.layers),
-            "flops_sparse": sum(r.flops_sparse for r in self.layers),
+            "flops_dense": tot([r.flops_dense for r in self.layers]),
+            "flops_sparse": tot([r.flops_sparse for r in self.layers]),
             "flops_compact": tot([r.flops_compact for r in self.layers]),
         }
 
@@ -263,7 +272,7 @@ def _plans(
 def _row_groups(params: PyTree, paths: list[str]) -> list[tuple[str, list[int], int | None]]:
     """``(name, leaf indices, kernel index or None)`` of every row: dense layers, then the rest."""
     try:
-        layers = dense_layers(params)
+        layers = dense_layers(params, conv=True)
     except (ValueError, TypeError):
         layers = []
     groups: list[tuple[str, list[int], int | None]] = []
@@ -278,12 +287,111 @@ def _row_groups(params: PyTree, paths: list[str]) -> list[tuple[str, list[int], 
     return groups
 
 
+def _sub_jaxprs(eqn: Any) -> list[Any]:
+    """The jaxprs an equation calls (``jit``, ``custom_jvp_call``, ``closed_call``, ...)."""
+    subs = []
+    for v in eqn.params.values():
+        for x in v if isinstance(v, tuple | list) else (v,):
+            inner = getattr(x, "jaxpr", x)
+            if hasattr(inner, "eqns") and hasattr(inner, "invars"):
+                subs.append(inner)
+    return subs
+
+
+def _walk_convs(jaxpr: Any, leaf_of: dict, out: dict[str, tuple[int, ...]]) -> None:
+    """Record the output spatial size of every conv whose kernel is a params leaf."""
+    for eqn in jaxpr.eqns:
+        ins = [None if hasattr(v, "val") else leaf_of.get(v) for v in eqn.invars]
+        name = eqn.primitive.name
+        if name == "convert_element_type" and ins[0] is not None:
+            leaf_of[eqn.outvars[0]] = ins[0]
+        elif name == "conv_general_dilated" and ins[1] is not None:
+            spec = eqn.params["dimension_numbers"].out_spec
+            size = tuple(int(eqn.outvars[0].aval.shape[d]) for d in spec[2:])
+            if out.setdefault(ins[1], size) != size:
+                raise ValueError(
+                    f"conv kernel {ins[1]!r} is used at two output sizes, {out[ins[1]]} and "
+                    f"{size}; pass size_report(spatial=...) with the sum of their positions"
+                )
+        for sub in _sub_jaxprs(eqn):
+            if len(sub.invars) == len(eqn.invars):
+                inner = {v: p for v, p in zip(sub.invars, ins, strict=True) if p is not None}
+                _walk_convs(sub, inner, out)
+
+
+def conv_spatial(fn: Callable[..., Any], params: PyTree, *args: Any) -> dict[str, tuple[int, ...]]:
+    """The output spatial size of every conv kernel in ``params``, for ``size_report(spatial=)``.
+
+    Traces ``fn(params, *args)`` to a jaxpr (nothing is computed) and reads the output shape of
+    each ``conv_general_dilated`` whose kernel is a leaf of ``params`` (directly or cast).
+
+    Args:
+      fn: the model's forward function taking ``params`` first, e.g.
+        ``lambda p, x: model.apply({"params": p}, x)`` (Flax) or
+        ``lambda p, x: eqx.combine(p, static)(x)`` (Equinox).
+      params: the params pytree ``size_report`` gets.
+      *args: example inputs (arrays or ``jax.ShapeDtypeStruct``), batch size irrelevant.
+
+    Returns:
+      ``{kernel path: (H', W', ...)}``.
+
+    Raises:
+      ValueError: a kernel is used by convs of two different output sizes.
+    """
+    paths = flatten(params)[0]
+    jaxpr = jax.make_jaxpr(fn)(params, *args).jaxpr
+    out: dict[str, tuple[int, ...]] = {}
+    _walk_convs(jaxpr, dict(zip(jaxpr.invars[: len(paths)], paths, strict=True)), out)
+    return out
+
+
+def _positions(name: str, path: str, shape: tuple[int, ...], spatial: Mapping) -> int | None:
+    """Output positions of a layer: 1 for a 2-D kernel, ``prod(spatial[name])`` for a conv
+    kernel (``None`` when not given)."""
+    if len(shape) == 2:
+        return 1
+    size = spatial.get(name, spatial.get(path))
+    if size is None:
+        return None
+    return math.prod(size)
+
+
+def _check_spatial(
+    spatial: Mapping,
+    rows: list[tuple[str, list[int], int | None]],
+    paths: list[str],
+    leaves: list[Any],
+) -> None:
+    """``spatial`` as ``{layer name or kernel path: output spatial size}``, checked."""
+    if not isinstance(spatial, Mapping):
+        raise TypeError(
+            f"spatial must be a mapping of conv layer -> (H', W'), got {type(spatial).__name__}"
+        )
+    convs = {}
+    for name, _, k in rows:
+        if k is not None and np.ndim(leaves[k]) >= 3:
+            convs[name] = convs[paths[k]] = np.ndim(leaves[k]) - 2
+    for key, size in spatial.items():
+        if key not in convs:
+            raise ValueError(
+                f"spatial names {key!r}, which is not a conv layer of params "
+                f"(conv layers: {sorted(n for n in convs if '/' not in n) or 'none'})"
+            )
+        ok = isinstance(size, tuple | list) and len(size) == convs[key]
+        if not ok or not all(is_int(v) and v > 0 for v in size):
+            raise ValueError(
+                f"spatial[{key!r}] must be the output spatial size, {convs[key]} positive "
+                f"int(s) for this kernel, got {size!r}"
+            )
+
+
 def _row(
     name: str,
     idx: list[int],
     kernel: int | None,
     plans: dict[str, Plan | None],
     member_bytes: dict[str, list[int] | None],
+    spatial: Mapping,
 ) -> LayerSize:
     """The ``LayerSize`` of one row (leaves ``idx``; ``kernel`` is None for non-layer rows)."""
     dense_plan = plans["dense"]
@@ -298,8 +406,10 @@ def _row(
         cshape = tuple(compact_leaves[kernel].shape)
     if kernel is not None:
         k = leaves[kernel]
-        flops_dense, flops_sparse = 2 * k.size, 2 * meta[kernel]["nnz"]
-        flops_compact = None if cshape is None else 2 * math.prod(cshape)
+        pos = _positions(name, meta[kernel]["path"], k.shape, spatial)
+        flops_dense = None if pos is None else 2 * k.size * pos
+        flops_sparse = None if pos is None else 2 * meta[kernel]["nnz"] * pos
+        flops_compact = None if cshape is None or pos is None else 2 * math.prod(cshape) * pos
         be = {f: _break_even(f, k.shape, k.dtype, kernel) for f in _SPARSE}
     else:
         flops_dense = flops_sparse = 0
@@ -315,8 +425,8 @@ def _row(
         bytes=b,
         auto_encodings=tuple(plans["auto"].encodings[i] for i in idx),
         compact_shape=cshape,
-        flops_dense=int(flops_dense),
-        flops_sparse=int(flops_sparse),
+        flops_dense=None if flops_dense is None else int(flops_dense),
+        flops_sparse=None if flops_sparse is None else int(flops_sparse),
         flops_compact=flops_compact,
         break_even=be,
     )
@@ -329,6 +439,7 @@ def size_report(
     path: str | os.PathLike | None = None,
     activation: Callable | None = None,
     format: str = "auto",
+    spatial: Mapping[str, tuple[int, ...]] | None = None,
 ) -> SizeReport:
     """Per-layer and total sizes, break-even densities, FLOPs and file sizes of a pruned model.
 
@@ -342,21 +453,26 @@ def size_report(
         ``"auto"``).  Compacted sizes and FLOPs do not depend on it (which units die depends only
         on the zeros), so the ``"compact"`` column is filled either way for an MLP.
       format: the format of the temporary file that is measured when ``path`` is None.
+      spatial: the output spatial size of each conv layer, by layer name or kernel path
+        (``{"Conv_0": (26, 26), "Conv_1": (24, 24)}``), for its FLOPs; conv layers it does not
+        name get ``None`` FLOPs (see the module docstring).  A 3-D kernel that is no conv
+        (a ``DenseGeneral`` ``(in, heads, head_dim)``) costs ``2 * size`` FLOPs: pass ``(1,)``.
 
     Returns:
       A ``SizeReport``: ``str(report)`` is a readable table, ``report.to_dict()`` a dict.
 
     Raises:
       ValueError/TypeError: as ``prunejax.fileformat.save`` (unknown format, NaN weights naming
-        the leaf, mismatched masks, ...); ``FileNotFoundError`` if ``path`` does not exist.
+        the leaf, mismatched masks, ...), or ``spatial`` naming something that is not a conv
+        layer or a size of the wrong rank; ``FileNotFoundError`` if ``path`` does not exist.
     """
     plans = _plans(params, masks, activation)
     member_bytes = {f: (None if p is None else p.bytes_per_leaf()) for f, p in plans.items()}
     paths = [m["path"] for m in plans["dense"].header["leaves"]]
-    rows = [
-        _row(name, idx, kernel, plans, member_bytes)
-        for name, idx, kernel in _row_groups(params, paths)
-    ]
+    groups = _row_groups(params, paths)
+    spatial = {} if spatial is None else spatial
+    _check_spatial(spatial, groups, paths, plans["dense"].leaves)
+    rows = [_row(name, idx, kernel, plans, member_bytes, spatial) for name, idx, kernel in groups]
     predicted = {c: (None if plans[c] is None else plans[c].nbytes()) for c in COLUMNS}
     if path is not None:
         path = os.fspath(path)

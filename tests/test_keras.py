@@ -417,10 +417,20 @@ def test_compact_rejects_a_hidden_softmax_dense_and_non_sequential_models():
     )
     with pytest.raises(ValueError, match="softmax"):
         pjk.compact_model(model)
-    inp = keras.Input((12,))
-    functional = keras.Model(inp, layers.Dense(3)(layers.Dense(8, activation="relu")(inp)))
+    # Functional chains compact (tests/test_keras_functional.py); a subclassed model does not
+
+    class Subclassed(keras.Model):
+        def __init__(self):
+            super().__init__()
+            self.hidden, self.out = layers.Dense(8, activation="relu"), layers.Dense(3)
+
+        def call(self, x):
+            return self.out(self.hidden(x))
+
+    subclassed = Subclassed()
+    subclassed(np.ones((1, 12), np.float32))
     with pytest.raises(TypeError, match="Sequential"):
-        pjk.compact_model(functional)
+        pjk.compact_model(subclassed)
     with pytest.raises(TypeError, match="keras.Model"):
         pjk.compact_model(model.get_weights())
     with pytest.raises(ValueError, match="no weights yet"):

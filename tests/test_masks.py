@@ -140,7 +140,9 @@ def test_numpy_and_jax_agree(tree, s):
     m_jx = pj.magnitude_masks(to_jax(tree), s)
     assert all(isinstance(x, jax.Array) for x in jax.tree_util.tree_leaves(m_jx))
     assert trees_equal(m_np, m_jx)
-    assert trees_equal(pj.unit_masks(tree, s), pj.unit_masks(to_jax(tree), s))
+    assert trees_equal(
+        pj.unit_masks(tree, s, prune_output=True), pj.unit_masks(to_jax(tree), s, prune_output=True)
+    )
     g_np = pj.magnitude_masks(tree, s, scope="global")
     assert trees_equal(g_np, pj.magnitude_masks(to_jax(tree), s, scope="global"))
 
@@ -168,8 +170,10 @@ def test_jit_and_vmap_match_eager(tree, k):
     for i, lvl in enumerate([0.0, s, 0.5, 1.0]):
         one = jax.tree_util.tree_map(lambda x, i=i: x[i], batched)
         assert trees_equal(one, pj.magnitude_masks(jtree, lvl))
-    u_eager = pj.unit_masks(jtree, s)
-    assert trees_equal(u_eager, jax.jit(lambda p, s: pj.unit_masks(p, s))(jtree, jnp.float32(s)))
+    u_eager = pj.unit_masks(jtree, s, prune_output=True)
+    assert trees_equal(
+        u_eager, jax.jit(lambda p, s: pj.unit_masks(p, s, prune_output=True))(jtree, jnp.float32(s))
+    )
 
 
 def test_magnitude_ties_lower_index_first():
@@ -219,7 +223,7 @@ def test_keras_list_round_trip():
     assert [(~m).sum() for m in masks[::2]] == [86, 43, 9]
     pruned = pj.apply_masks(weights, masks)
     assert isinstance(pruned, list) and all(p.dtype == np.float32 for p in pruned)
-    units = pj.unit_masks(weights, 0.5)
+    units = pj.unit_masks(weights, 0.5, prune_output=True)
     for w_mask, b_mask in zip(units[::2], units[1::2]):
         np.testing.assert_array_equal(w_mask[0], b_mask)  # bias follows its column
 
@@ -230,7 +234,7 @@ def test_keras_list_round_trip():
 @SETTINGS
 @given(tree=pytrees(), s=fractions(), ord=st.sampled_from([1, 2, np.inf]))
 def test_unit_masks_column_norm_oracle(tree, s, ord):
-    masks = pj.unit_masks(tree, s, ord=ord)
+    masks = pj.unit_masks(tree, s, ord=ord, prune_output=True)
     layers = pj.dense_layers(tree)
     leaves = jax.tree_util.tree_leaves(tree)
     mleaves = jax.tree_util.tree_leaves(masks)
@@ -247,7 +251,7 @@ def test_unit_masks_column_norm_oracle(tree, s, ord):
 def test_unit_masks_flax_bias_pairing():
     w = np.array([[3.0, 0.1, 2.0, 0.2], [3.0, 0.1, 2.0, 0.2]], np.float32)
     p = {"Dense_0": {"kernel": w, "bias": np.ones(4, np.float32)}}
-    m = pj.unit_masks(p, 0.5)
+    m = pj.unit_masks(p, 0.5, prune_output=True)
     np.testing.assert_array_equal(m["Dense_0"]["bias"], [True, False, True, False])
     np.testing.assert_array_equal(m["Dense_0"]["kernel"][0], [True, False, True, False])
 
@@ -417,8 +421,9 @@ def test_non_finite_weights(bad):
 
 def test_structured_rank_errors_and_where_escape():
     p = {"conv": np.ones((3, 3, 2, 4), np.float32), "dense": np.ones((4, 4), np.float32)}
-    with pytest.raises(ValueError, match=r"conv.*\(3, 3, 2, 4\)"):
-        pj.unit_masks(p, 0.5)
+    # unit_masks prunes conv filters (tests/test_unit_masks_layouts.py); 1-D leaves it refuses
+    with pytest.raises(ValueError, match=r"'vec'.*\(4,\)"):
+        pj.unit_masks(p | {"vec": np.ones(4, np.float32)}, 0.5, where=lambda path, leaf: True)
     with pytest.raises(ValueError, match="conv"):
         pj.block_masks(p, 0.5, block=(2, 2))
     only_dense = lambda path, leaf: path == "dense"  # noqa: E731
@@ -584,7 +589,7 @@ def test_unit_masks_pairs_numbered_and_uppercase_names():
     expect = [True, False, True, False]
     for kname, bname in [("w1", "b1"), ("W", "b"), ("W_2", "b_2"), ("kernel3", "bias3")]:
         p = {kname: w, bname: np.ones(4, np.float32), "other": np.ones(4, np.float32)}
-        m = pj.unit_masks(p, 0.5)
+        m = pj.unit_masks(p, 0.5, prune_output=True)
         np.testing.assert_array_equal(m[bname], expect, err_msg=kname)
         assert m["other"].all()
     # several numbered layers in one flat dict pair by suffix, not by flatten order
@@ -596,7 +601,7 @@ def test_unit_masks_pairs_numbered_and_uppercase_names():
     }
     layers = pj.dense_layers(p)
     assert [(x.name, x.kernel, x.bias) for x in layers] == [("W1", 0, 2), ("W2", 1, 3)]
-    m = pj.unit_masks(p, 0.5)
+    m = pj.unit_masks(p, 0.5, prune_output=True)
     np.testing.assert_array_equal(m["b1"], expect)
     np.testing.assert_array_equal(m["b2"], [False, True, True, False])
 
@@ -617,19 +622,19 @@ def test_unit_masks_warns_about_an_unpaired_bias_beside_a_kernel():
     p["layer"]["proj"][:, 0] = 0.0
     assert pj.dense_layers(p)[0].bias is None
     with pytest.warns(UserWarning, match=r"'layer/proj'.*'layer/offset'"):
-        m = pj.unit_masks(p, 0.25)
+        m = pj.unit_masks(p, 0.25, prune_output=True)
     assert m["layer"]["offset"].all() and not m["layer"]["proj"][:, 0].any()
     # an unrelated width does not warn
     p["layer"]["offset"] = np.ones(3, np.float32)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        pj.unit_masks(p, 0.25)
+        pj.unit_masks(p, 0.25, prune_output=True)
 
 
 def test_unit_masks_refuses_a_paired_bias_of_the_wrong_width():
     p = {"Dense_0": {"kernel": np.ones((3, 4), np.float32), "bias": np.ones(5, np.float32)}}
     with pytest.raises(ValueError, match=r"'Dense_0/bias'.*\(5,\).*4 output"):
-        pj.unit_masks(p, 0.5)
+        pj.unit_masks(p, 0.5, prune_output=True)
 
 
 @pytest.mark.parametrize("ord", ["2", True, None, 0, -1, float("nan")])
