@@ -1,0 +1,170 @@
+"""Speed of the Flax linen MNIST CNN before and after graph compaction, on this CPU.
+
+The dense CNN of ``examples/flax_cnn.py`` (conv 32, conv 64, dense 256, dense 10) and the same
+model compacted by ``prunejax.compact_graph`` after 50% of its conv filters and hidden units
+were pruned, both plain XLA (jitted ``model.apply``, AOT-compiled), are timed in the same
+process in paired rounds (``benchmarks.timing``: order shuffled per round, each sample a burst
+of calls each waited for); the speedup is the median over rounds of ``t_dense / t_compact``
+from the same round, which cancels drift and the load of other processes.
+
+Usage::
+
+    python -m benchmarks.cnn                      # params from runs/flax_cnn if present
+    python -m benchmarks.cnn --rounds 60 --out benchmarks/results
+
+Writes ``cnn.json`` and ``cnn.md`` to ``--out``.  Without the example's files the params are
+random at the widths the example's pruning gives (16, 32, 128): the speed of dense XLA kernels
+depends on the shapes only.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import statistics
+import sys
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+import prunejax as pj
+from benchmarks.machine import cpu_model, loadavg, machine_info
+from benchmarks.timing import timed
+from examples.flax_cnn import CNN, rebuild
+
+
+def isa_of_cpu() -> str:
+    """The widest x86 vector ISA the CPU reports (XLA's CPU code generator targets the host)."""
+    try:
+        flags = next(
+            line
+            for line in Path("/proc/cpuinfo").read_text().splitlines()
+            if line.startswith("flags")
+        ).split()
+    except (OSError, StopIteration):
+        return "unknown"
+    for flag, name in (("avx512f", "AVX-512"), ("avx2", "AVX2"), ("sse4_2", "SSE4.2")):
+        if flag in flags:
+            return name
+    return "other"
+
+
+def load_models(run_dir: Path) -> tuple[dict, dict, str]:
+    """``({"model", "params"} dense, same compact, source)``."""
+    dense_file = run_dir / "dense.prunejax.safetensors"
+    compact_file = run_dir / "compact.prunejax.safetensors"
+    results = run_dir / "results.json"
+    x = jnp.zeros((1, 28, 28, 1), jnp.float32)
+    if dense_file.exists() and compact_file.exists() and results.exists():
+        widths = json.loads(results.read_text())["widths"]
+        small = rebuild(widths)
+        return (
+            {"model": CNN(), "params": pj.load(dense_file)},
+            {"model": small, "params": pj.load(compact_file)},
+            str(run_dir),
+        )
+    small = CNN(16, 32, 128)
+    dense = {"model": CNN(), "params": CNN().init(jax.random.key(0), x)["params"]}
+    return dense, {"model": small, "params": small.init(jax.random.key(1), x)["params"]}, "random"
+
+
+def compiled(entry: dict, batch: int) -> tuple[Any, tuple]:
+    model, params = entry["model"], jax.tree.map(jnp.asarray, entry["params"])
+    xb = jnp.asarray(np.random.default_rng(0).random((batch, 28, 28, 1), np.float32))
+    fn = jax.jit(lambda p, v: model.apply({"params": p}, v)).lower(params, xb).compile()
+    return fn, (params, xb)
+
+
+def measure(dense: dict, compact: dict, batch: int, rounds: int, calls: int) -> dict:
+    """Paired rounds at one batch size: medians and the median per-round speedup."""
+    cands = {"dense": compiled(dense, batch), "compact": compiled(compact, batch)}
+    for fn, args in cands.values():
+        timed(fn, args, 3)
+    rng = random.Random(0)
+    times: dict[str, list[float]] = {k: [] for k in cands}
+    ratios = []
+    for _ in range(rounds):
+        order = list(cands)
+        rng.shuffle(order)
+        got = {k: timed(*cands[k], calls) for k in order}
+        for k, t in got.items():
+            times[k].append(t)
+        ratios.append(got["dense"] / got["compact"])
+    q = statistics.quantiles(ratios, n=4)
+    return {
+        "batch": batch,
+        "dense_ms": 1e3 * statistics.median(times["dense"]),
+        "compact_ms": 1e3 * statistics.median(times["compact"]),
+        "speedup": statistics.median(ratios),
+        "speedup_iqr": [q[0], q[2]],
+        "rounds": rounds,
+        "calls_per_sample": calls,
+    }
+
+
+def render(result: dict) -> str:
+    info = result["machine"]
+    lines = [
+        "# Flax CNN on MNIST: dense vs graph-compacted (batch latency, CPU)",
+        "",
+        f"CPU: {info['cpu']} ({result['isa']}), {info['cores']} cores visible; "
+        f"jax {info['jax']}, {info['date_utc']}; load average at start "
+        f"{info['loadavg_start']}, at end {result['loadavg_end']}.",
+        f"Params: {result['source']}; widths dense {result['dense_widths']} -> compact "
+        f"{result['compact_widths']}. Both models are plain XLA (jitted `model.apply`).",
+        "",
+        "| batch | dense ms | compact ms | speedup (median of paired rounds) | IQR |",
+        "|---:|---:|---:|---:|---|",
+    ]
+    for r in result["rows"]:
+        lines.append(
+            f"| {r['batch']} | {r['dense_ms']:.3f} | {r['compact_ms']:.3f} | "
+            f"{r['speedup']:.2f}x | {r['speedup_iqr'][0]:.2f}-{r['speedup_iqr'][1]:.2f} |"
+        )
+    lines += [
+        "",
+        f"Reproduce: `python -m benchmarks.cnn --rounds {result['rows'][0]['rounds']}`"
+        " after `python examples/flax_cnn.py`.",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--run-dir", default="runs/flax_cnn", help="examples/flax_cnn.py --out")
+    parser.add_argument("--batches", default="256,1")
+    parser.add_argument("--rounds", type=int, default=40)
+    parser.add_argument("--calls", type=int, default=3, help="calls per timed sample")
+    parser.add_argument("--out", default="benchmarks/results")
+    args = parser.parse_args(argv)
+    dense, compact, source = load_models(Path(args.run_dir))
+    info = machine_info()
+    rows = [
+        measure(dense, compact, int(b), args.rounds, args.calls) for b in args.batches.split(",")
+    ]
+    c = compact["model"]
+    result = {
+        "machine": info,
+        "isa": isa_of_cpu(),
+        "cpu": cpu_model(),
+        "source": source,
+        "dense_widths": [32, 64, 256],
+        "compact_widths": [c.c1, c.c2, c.hidden],
+        "rows": rows,
+        "loadavg_end": loadavg(),
+    }
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "cnn.json").write_text(json.dumps(result, indent=2) + "\n")
+    (out / "cnn.md").write_text(render(result))
+    print(render(result))
+    return result
+
+
+if __name__ == "__main__":
+    sys.exit(0 if main() else 1)
