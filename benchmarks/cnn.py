@@ -1,20 +1,24 @@
 """Speed of the Flax linen MNIST CNN before and after graph compaction, on this CPU.
 
-The dense CNN of ``examples/flax_cnn.py`` (conv 32, conv 64, dense 256, dense 10) and the same
-model compacted by ``prunejax.compact_graph`` after 50% of its conv filters and hidden units
-were pruned, both plain XLA (jitted ``model.apply``, AOT-compiled), are timed in the same
-process in paired rounds (``benchmarks.timing``: order shuffled per round, each sample a burst
-of calls each waited for); the speedup is the median over rounds of ``t_dense / t_compact``
-from the same round, which cancels drift and the load of other processes.
+Pairs of models, each timed in the same process in paired rounds (``benchmarks.timing``:
+order shuffled per round, each sample a burst of calls each waited for; the speedup is the
+median over rounds of ``t_dense / t_compact`` from the same round, which cancels drift and the
+load of other processes), all plain XLA (jitted ``model.apply``, AOT-compiled, default flags):
+
+* the example's CNN (``examples/flax_cnn.py``: conv 32, conv 64, dense 256, dense 10) and the
+  same model compacted by ``prunejax.compact_graph`` after 50% of its conv filters and hidden
+  units were pruned (16-32-128), with the example's trained params when ``--run-dir`` holds
+  them (random params at those widths otherwise: dense XLA kernels' speed depends on shapes);
+* its first stage alone (3x3 conv on the one-channel image, ReLU, max-pool) at 32 and at 16
+  filters: where the compacted model's time goes;
+* a CNN with a wider first conv (64-64-256 -> 32-32-128), random params.
 
 Usage::
 
     python -m benchmarks.cnn                      # params from runs/flax_cnn if present
     python -m benchmarks.cnn --rounds 60 --out benchmarks/results
 
-Writes ``cnn.json`` and ``cnn.md`` to ``--out``.  Without the example's files the params are
-random at the widths the example's pruning gives (16, 32, 128): the speed of dense XLA kernels
-depends on the shapes only.
+Writes ``cnn.json`` and ``cnn.md`` to ``--out``.
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -53,23 +58,52 @@ def isa_of_cpu() -> str:
     return "other"
 
 
-def load_models(run_dir: Path) -> tuple[dict, dict, str]:
-    """``({"model", "params"} dense, same compact, source)``."""
+class FirstStage(nn.Module):
+    """The CNN's first stage alone: 3x3 conv (one input channel), ReLU, 2x2 max-pool."""
+
+    c1: int
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        return nn.max_pool(nn.relu(nn.Conv(self.c1, (3, 3))(x)), (2, 2), (2, 2))
+
+
+def _random(model: nn.Module) -> dict:
+    x = jnp.zeros((1, 28, 28, 1), jnp.float32)
+    return {"model": model, "params": jax.jit(model.init)(jax.random.key(0), x)["params"]}
+
+
+def pairs(run_dir: Path) -> list[tuple[str, dict, dict]]:
+    """``(label, dense, compact)`` model pairs (``{"model", "params"}`` each) to time."""
     dense_file = run_dir / "dense.prunejax.safetensors"
     compact_file = run_dir / "compact.prunejax.safetensors"
     results = run_dir / "results.json"
-    x = jnp.zeros((1, 28, 28, 1), jnp.float32)
     if dense_file.exists() and compact_file.exists() and results.exists():
-        widths = json.loads(results.read_text())["widths"]
-        small = rebuild(widths)
-        return (
+        small = rebuild(json.loads(results.read_text())["widths"])
+        example = (
+            f"example CNN 32-64-256 -> {small.c1}-{small.c2}-{small.hidden} (trained, {run_dir})",
             {"model": CNN(), "params": pj.load(dense_file)},
             {"model": small, "params": pj.load(compact_file)},
-            str(run_dir),
         )
-    small = CNN(16, 32, 128)
-    dense = {"model": CNN(), "params": CNN().init(jax.random.key(0), x)["params"]}
-    return dense, {"model": small, "params": small.init(jax.random.key(1), x)["params"]}, "random"
+    else:
+        example = (
+            "example CNN 32-64-256 -> 16-32-128 (random params)",
+            _random(CNN()),
+            _random(CNN(16, 32, 128)),
+        )
+    return [
+        example,
+        (
+            "first stage only: conv 32 -> 16 filters + ReLU + max-pool",
+            _random(FirstStage(32)),
+            _random(FirstStage(16)),
+        ),
+        (
+            "wider first conv: CNN 64-64-256 -> 32-32-128 (random params)",
+            _random(CNN(64, 64, 256)),
+            _random(CNN(32, 32, 128)),
+        ),
+    ]
 
 
 def compiled(entry: dict, batch: int) -> tuple[Any, tuple]:
@@ -112,17 +146,18 @@ def render(result: dict) -> str:
         "# Flax CNN on MNIST: dense vs graph-compacted (batch latency, CPU)",
         "",
         f"CPU: {info['cpu']} ({result['isa']}), {info['cores']} cores visible; "
-        f"jax {info['jax']}, {info['date_utc']}; load average at start "
-        f"{info['loadavg_start']}, at end {result['loadavg_end']}.",
-        f"Params: {result['source']}; widths dense {result['dense_widths']} -> compact "
-        f"{result['compact_widths']}. Both models are plain XLA (jitted `model.apply`).",
+        f"jax/jaxlib {info['jax']}/{info['jaxlib']} (XLA CPU, default flags), "
+        f"{info['date_utc']}; load average at start {info['loadavg_start']}, at end "
+        f"{result['loadavg_end']}.  Both models of a pair are plain XLA (jitted `model.apply`),",
+        "timed in paired rounds in one process; speedup = median over rounds of "
+        "t_dense / t_compact.",
         "",
-        "| batch | dense ms | compact ms | speedup (median of paired rounds) | IQR |",
-        "|---:|---:|---:|---:|---|",
+        "| models | batch | dense ms | compact ms | speedup | IQR |",
+        "|---|---:|---:|---:|---:|---|",
     ]
     for r in result["rows"]:
         lines.append(
-            f"| {r['batch']} | {r['dense_ms']:.3f} | {r['compact_ms']:.3f} | "
+            f"| {r['label']} | {r['batch']} | {r['dense_ms']:.3f} | {r['compact_ms']:.3f} | "
             f"{r['speedup']:.2f}x | {r['speedup_iqr'][0]:.2f}-{r['speedup_iqr'][1]:.2f} |"
         )
     lines += [
@@ -142,19 +177,17 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--calls", type=int, default=3, help="calls per timed sample")
     parser.add_argument("--out", default="benchmarks/results")
     args = parser.parse_args(argv)
-    dense, compact, source = load_models(Path(args.run_dir))
     info = machine_info()
-    rows = [
-        measure(dense, compact, int(b), args.rounds, args.calls) for b in args.batches.split(",")
-    ]
-    c = compact["model"]
+    rows = []
+    for label, dense, compact in pairs(Path(args.run_dir)):
+        for b in args.batches.split(","):
+            row = measure(dense, compact, int(b), args.rounds, args.calls)
+            rows.append({"label": label, **row})
+            print(rows[-1], flush=True)
     result = {
         "machine": info,
         "isa": isa_of_cpu(),
         "cpu": cpu_model(),
-        "source": source,
-        "dense_widths": [32, 64, 256],
-        "compact_widths": [c.c1, c.c2, c.hidden],
         "rows": rows,
         "loadavg_end": loadavg(),
     }

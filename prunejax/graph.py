@@ -267,6 +267,7 @@ _CALLS = (
     "custom_vjp_call_jaxpr",
     "checkpoint",
     "remat",
+    "remat2",
 )
 
 

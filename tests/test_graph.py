@@ -421,3 +421,30 @@ def test_nnx_state_in_nnx_state_out():
         return nnx.merge(small_def if s["fc1"]["bias"].shape == (8,) else graphdef, s)(v)
 
     np.testing.assert_allclose(run(res.params, x), run(state, x), rtol=1e-5, atol=1e-5)
+
+
+def test_plain_function_through_custom_vjp_and_checkpoint():
+    @jax.custom_vjp
+    def act(x):
+        return jnp.maximum(x, 0)
+
+    act.defvjp(lambda x: (act(x), x), lambda x, g: (g * (x > 0),))
+
+    def apply(p, x):
+        h = jax.checkpoint(jnp.tanh)(act(x @ p["w1"] + p["b1"]))
+        return h @ p["w2"] + p["b2"]
+
+    rng = np.random.default_rng(0)
+    p = {
+        "w1": rng.standard_normal((4, 6)).astype(np.float32),
+        "b1": np.abs(rng.standard_normal(6)).astype(np.float32) + 0.1,
+        "w2": rng.standard_normal((6, 2)).astype(np.float32),
+        "b2": np.zeros(2, np.float32),
+    }
+    p["w1"][:, [1, 3]] = 0  # tanh(relu(b1)) != 0: folded into b2
+    p["w2"][5] = 0
+    x = rng.standard_normal((3, 4)).astype(np.float32)
+    res = compact_graph(apply, p, x)
+    assert res.widths == {"w1": 3, "w2": 2}
+    assert np.abs(res.params["b2"]).max() > 0
+    np.testing.assert_allclose(apply(res.params, x), apply(p, x), rtol=1e-5, atol=1e-6)
