@@ -79,10 +79,12 @@ def pairs(run_dir: Path) -> list[tuple[str, dict, dict]]:
     compact_file = run_dir / "compact.prunejax.safetensors"
     results = run_dir / "results.json"
     if dense_file.exists() and compact_file.exists() and results.exists():
-        small = rebuild(json.loads(results.read_text())["widths"])
+        saved = json.loads(results.read_text())
+        small, big = rebuild(saved["widths"]), CNN(**saved["dense_widths"])
         example = (
-            f"example CNN 32-64-256 -> {small.c1}-{small.c2}-{small.hidden} (trained, {run_dir})",
-            {"model": CNN(), "params": pj.load(dense_file)},
+            f"example CNN {big.c1}-{big.c2}-{big.hidden} -> {small.c1}-{small.c2}-{small.hidden}"
+            f" (trained, {run_dir})",
+            {"model": big, "params": pj.load(dense_file)},
             {"model": small, "params": pj.load(compact_file)},
         )
     else:

@@ -123,6 +123,9 @@ def latencies(fns: dict[str, Callable[[], Any]], repeats: int) -> dict[str, floa
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--subset", type=int, default=None, help="first N training images")
+    parser.add_argument(
+        "--widths", default="32,64,256", help="dense model's conv1,conv2,hidden widths"
+    )
     parser.add_argument("--epochs", type=int, default=3, help="dense training epochs")
     parser.add_argument("--finetune-epochs", type=int, default=2)
     parser.add_argument("--sparsity", type=float, default=0.5, help="fraction of units pruned")
@@ -135,6 +138,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.subset is not None and args.subset < 1:
         parser.error(f"--subset must be >= 1, got {args.subset}")
+    try:
+        args.widths = tuple(int(w) for w in args.widths.split(","))
+    except ValueError:
+        args.widths = ()
+    if len(args.widths) != 3 or min(args.widths) < 1:
+        parser.error(f"--widths must be three positive integers c1,c2,hidden, got {args.widths}")
     return args
 
 
@@ -164,7 +173,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (x, y), (x_test, y_test) = load(args)
-    model = CNN()
+    model = CNN(*args.widths)
     params = jax.jit(model.init)(jax.random.key(args.seed), x[:1])["params"]
     params = train(model, params, (x, y), optax.adam(args.lr), args, args.epochs)
     acc = {"dense": accuracy(model, params, x_test, y_test)}
@@ -203,7 +212,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "epochs": args.epochs,
         "finetune_epochs": args.finetune_epochs,
         "widths": small.widths,
-        "dense_widths": {"c1": 32, "c2": 64, "hidden": 256},
+        "dense_widths": dict(zip(("c1", "c2", "hidden"), args.widths, strict=True)),
         "accuracy": acc,
         "max_abs_diff": diff,
         "dense": sizes(params, model, out, "dense"),
