@@ -73,39 +73,74 @@ def _random(model: nn.Module) -> dict:
     return {"model": model, "params": jax.jit(model.init)(jax.random.key(0), x)["params"]}
 
 
-def pairs(run_dir: Path) -> list[tuple[str, dict, dict]]:
-    """``(label, dense, compact)`` model pairs (``{"model", "params"}`` each) to time."""
+def trained(run_dir: Path) -> tuple[str, dict, dict, dict] | None:
+    """The example's saved dense and compacted models and its results, if ``run_dir`` has them."""
     dense_file = run_dir / "dense.prunejax.safetensors"
     compact_file = run_dir / "compact.prunejax.safetensors"
     results = run_dir / "results.json"
-    if dense_file.exists() and compact_file.exists() and results.exists():
-        saved = json.loads(results.read_text())
-        small, big = rebuild(saved["widths"]), CNN(**saved["dense_widths"])
-        example = (
-            f"example CNN {big.c1}-{big.c2}-{big.hidden} -> {small.c1}-{small.c2}-{small.hidden}"
-            f" (trained, {run_dir})",
-            {"model": big, "params": pj.load(dense_file)},
-            {"model": small, "params": pj.load(compact_file)},
+    if not (dense_file.exists() and compact_file.exists() and results.exists()):
+        return None
+    saved = json.loads(results.read_text())
+    small, big = rebuild(saved["widths"]), CNN(**saved["dense_widths"])
+    label = (
+        f"example CNN {big.c1}-{big.c2}-{big.hidden} -> {small.c1}-{small.c2}-{small.hidden}"
+        f" (trained, {run_dir})"
+    )
+    dense = {"model": big, "params": pj.load(dense_file)}
+    return label, dense, {"model": small, "params": pj.load(compact_file)}, saved
+
+
+def pairs(run_dirs: list[Path]) -> tuple[list[tuple[str, dict, dict]], list[tuple[str, dict]]]:
+    """``(label, dense, compact)`` model pairs (``{"model", "params"}`` each) to time, and
+    the ``(label, results.json)`` of the example runs found."""
+    found = [t for t in (trained(d) for d in run_dirs) if t is not None]
+    out = [(label, dense, compact) for label, dense, compact, _ in found]
+    if not found:
+        out.append(
+            (
+                "example CNN 32-64-256 -> 16-32-128 (random params)",
+                _random(CNN()),
+                _random(CNN(16, 32, 128)),
+            )
         )
-    else:
-        example = (
-            "example CNN 32-64-256 -> 16-32-128 (random params)",
-            _random(CNN()),
-            _random(CNN(16, 32, 128)),
-        )
-    return [
-        example,
+    out.append(
         (
             "first stage only: conv 32 -> 16 filters + ReLU + max-pool",
             _random(FirstStage(32)),
             _random(FirstStage(16)),
-        ),
-        (
-            "wider first conv: CNN 64-64-256 -> 32-32-128 (random params)",
-            _random(CNN(64, 64, 256)),
-            _random(CNN(32, 32, 128)),
-        ),
+        )
+    )
+    if not any(t[1]["model"].c1 == 64 for t in found):
+        out.append(
+            (
+                "wider first conv: CNN 64-64-256 -> 32-32-128 (random params)",
+                _random(CNN(64, 64, 256)),
+                _random(CNN(32, 32, 128)),
+            )
+        )
+    return out, [(label, saved) for label, _, _, saved in found]
+
+
+def render_runs(runs: list[tuple[str, dict]]) -> list[str]:
+    """The example runs' accuracy, file size and FLOPs (``examples/flax_cnn.py``)."""
+    lines = [
+        "",
+        "Example runs (`examples/flax_cnn.py`, full MNIST unless a subset is named):",
+        "",
+        "| run | epochs + fine-tune | accuracy dense / masked / compact | file KB dense -> "
+        "compact | MFLOPs dense -> compact | max abs(compact - masked) |",
+        "|---|---|---|---|---|---|",
     ]
+    for label, r in runs:
+        a, d, c = r["accuracy"], r["dense"], r["compact"]
+        lines.append(
+            f"| {label} | {r['epochs']} + {r['finetune_epochs']} ({r['subset']} images) | "
+            f"{100 * a['dense']:.2f}% / {100 * a['masked']:.2f}% / {100 * a['compact']:.2f}% | "
+            f"{d['bytes'] / 1e3:.1f} -> {c['bytes'] / 1e3:.1f} ({c['bytes'] / d['bytes']:.1%}) | "
+            f"{d['flops'] / 1e6:.2f} -> {c['flops'] / 1e6:.2f} ({c['flops'] / d['flops']:.1%}) | "
+            f"{r['max_abs_diff']:.1e} |"
+        )
+    return lines
 
 
 def compiled(entry: dict, batch: int) -> tuple[Any, tuple]:
@@ -162,10 +197,11 @@ def render(result: dict) -> str:
             f"| {r['label']} | {r['batch']} | {r['dense_ms']:.3f} | {r['compact_ms']:.3f} | "
             f"{r['speedup']:.2f}x | {r['speedup_iqr'][0]:.2f}-{r['speedup_iqr'][1]:.2f} |"
         )
+    lines += render_runs(result["runs"])
     lines += [
         "",
         f"Reproduce: `python -m benchmarks.cnn --rounds {result['rows'][0]['rounds']}`"
-        " after `python examples/flax_cnn.py`.",
+        " after `python examples/flax_cnn.py` (and `--widths 64,64,256 --out runs/flax_cnn_wide`).",
         "",
     ]
     return "\n".join(lines)
@@ -173,7 +209,11 @@ def render(result: dict) -> str:
 
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--run-dir", default="runs/flax_cnn", help="examples/flax_cnn.py --out")
+    parser.add_argument(
+        "--run-dir",
+        default="runs/flax_cnn,runs/flax_cnn_wide",
+        help="examples/flax_cnn.py --out directories, comma-separated",
+    )
     parser.add_argument("--batches", default="256,1")
     parser.add_argument("--rounds", type=int, default=40)
     parser.add_argument("--calls", type=int, default=3, help="calls per timed sample")
@@ -181,7 +221,8 @@ def main(argv: list[str] | None = None) -> dict:
     args = parser.parse_args(argv)
     info = machine_info()
     rows = []
-    for label, dense, compact in pairs(Path(args.run_dir)):
+    todo, runs = pairs([Path(d) for d in args.run_dir.split(",")])
+    for label, dense, compact in todo:
         for b in args.batches.split(","):
             row = measure(dense, compact, int(b), args.rounds, args.calls)
             rows.append({"label": label, **row})
@@ -191,6 +232,7 @@ def main(argv: list[str] | None = None) -> dict:
         "isa": isa_of_cpu(),
         "cpu": cpu_model(),
         "rows": rows,
+        "runs": runs,
         "loadavg_end": loadavg(),
     }
     out = Path(args.out)
