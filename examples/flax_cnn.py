@@ -191,18 +191,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     compact_model = rebuild(small.widths)
     compact = small.params["params"]
     acc["compact"] = accuracy(compact_model, compact, x_test, y_test)
-    probe = jnp.asarray(x_test[:256])
-    diff = float(
-        jnp.max(
-            jnp.abs(
-                compact_model.apply(small.params, probe) - model.apply({"params": masked}, probe)
-            )
-        )
-    )
-
     xb = jnp.asarray(np.resize(x_test, (256, 28, 28, 1)))
     dense_fn = jax.jit(lambda p, v: model.apply({"params": p}, v))
     small_fn = jax.jit(lambda p, v: compact_model.apply({"params": p}, v))
+    diff = float(jnp.max(jnp.abs(small_fn(compact, xb) - dense_fn(masked, xb))))
     secs = latencies(
         {"dense": lambda: dense_fn(params, xb), "compact": lambda: small_fn(compact, xb)},
         args.repeats,
