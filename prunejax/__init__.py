@@ -41,6 +41,7 @@ from prunejax.distributions import (
     uniform_sparsity,
 )
 from prunejax.fileformat import FileFormatError, load, load_header, save
+from prunejax.graph import GraphCompacted, UnitGroup, compact_graph
 from prunejax.lottery import LotteryRound, imp_step, lottery_ticket, random_reinit, rewind
 from prunejax.masks import (
     SparsityReport,
@@ -136,6 +137,7 @@ __all__ = [
     "DSTState",
     "FitResult",
     "FileFormatError",
+    "GraphCompacted",
     "LayerSize",
     "LotteryRound",
     "MaskableDense",
@@ -148,6 +150,7 @@ __all__ = [
     "SizeReport",
     "SparsityReport",
     "TrainConfig",
+    "UnitGroup",
     "apply_masks",
     "batches",
     "block_masks",
@@ -155,6 +158,7 @@ __all__ = [
     "codebooks",
     "combine",
     "compact",
+    "compact_graph",
     "compaction_plan",
     "constant_sparsity",
     "cosine_drop_fraction",
