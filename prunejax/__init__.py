@@ -65,7 +65,7 @@ from prunejax.quantize import (
     uniform_quantize,
     with_codebooks,
 )
-from prunejax.report import LayerSize, SizeReport, size_report
+from prunejax.report import LayerSize, SizeReport, conv_spatial, size_report
 from prunejax.schedules import (
     constant_sparsity,
     iterative_sparsity,
@@ -159,6 +159,7 @@ __all__ = [
     "combine",
     "compact",
     "compact_graph",
+    "conv_spatial",
     "compaction_plan",
     "constant_sparsity",
     "cosine_drop_fraction",
