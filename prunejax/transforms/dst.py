@@ -273,7 +273,7 @@ def _topology(
     for i, (w, g, m, s) in enumerate(zip(leaves, gleaves, mleaves, sel, strict=True)):
         if not s or np.size(w) == 0:
             new_masks.append(m)
-            grown.append(jnp.zeros(jnp.shape(m), jnp.bool_))
+            grown.append(jnp.zeros_like(m, dtype=jnp.bool_))
             continue
         new_mask, new_grown = _regrow_leaf(w, g, m, frac, grow, key, i)
         new_masks.append(new_mask)
