@@ -176,8 +176,8 @@ def render(results: list[tuple[str, str, list]]) -> str:
                 continue
             lines.append(
                 f"| {mesh_name} | {count} | {name} | {r['param'] / gb:.2f} | "
-                f"{r['args'] / gb:.2f} | {r['out'] / gb:.2f} | {r['temp'] / gb:.3f} | {r['temp'] / r['param']:.3f} | "
-                f"{r['compile_s']:.0f} |"
+                f"{r['args'] / gb:.2f} | {r['out'] / gb:.2f} | {r['temp'] / gb:.3f} | "
+                f"{r['temp'] / r['param']:.3f} | {r['compile_s']:.0f} |"
             )
     return "\n".join(lines) + "\n"
 
