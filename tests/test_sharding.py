@@ -238,3 +238,33 @@ def main(mode):
 
 if __name__ == "__main__":
     main(sys.argv[1])
+
+
+def test_sharded_checkpoint_round_trip_and_refusals(tmp_path):
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    from prunejax.sharded import load_sharded, save_sharded
+
+    dev = jax.devices()[0]
+    tree = {"w": jnp.arange(12.0).reshape(3, 4), "m": jnp.arange(12).reshape(3, 4) % 2 == 0}
+    save_sharded(tmp_path / "ck", tree)
+    with pytest.raises(FileExistsError, match="overwrite"):
+        save_sharded(tmp_path / "ck", tree)
+    like = {
+        k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=jax.sharding.SingleDeviceSharding(dev))
+        for k, v in tree.items()
+    }
+    back = load_sharded(tmp_path / "ck", like)
+    for k in tree:
+        np.testing.assert_array_equal(np.asarray(back[k]), np.asarray(tree[k]))
+        assert back[k].dtype == tree[k].dtype
+    with pytest.raises(FileNotFoundError):
+        load_sharded(tmp_path / "nothing", like)
+    with pytest.raises(ValueError, match="no sharding"):
+        load_sharded(
+            tmp_path / "ck", {k: jax.ShapeDtypeStruct(v.shape, v.dtype) for k, v in tree.items()}
+        )
+    with pytest.raises(TypeError, match="'w'"):
+        save_sharded(tmp_path / "ck2", {"w": "not an array"})
