@@ -10,6 +10,7 @@ argsort of the (concatenated) magnitudes and a scatter of the ranks.
 from __future__ import annotations
 
 import argparse
+import os
 import time
 from pathlib import Path
 
@@ -98,6 +99,8 @@ def main(argv: list[str] | None = None) -> None:
         "",
         f"CPU: {cpu_model()} ({isa()}), {jax.device_count()} device(s), "
         f"{len(jax.devices()[0].client.devices())} XLA CPU device(s), JAX {jax.__version__}; "
+        f"load average {os.getloadavg()[0]:.1f} at the end of the run (a shared 2-core machine: "
+        "absolute times are inflated, the two columns ran under the same load); "
         f"compiled calls, best of {args.repeat}, sparsity 0.9 (traced).  Temporaries from "
         "`jax.jit(...).lower(...).compile().memory_analysis().temp_size_in_bytes`.",
         "",
