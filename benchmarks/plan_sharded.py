@@ -200,6 +200,14 @@ def main(argv: list[str] | None = None) -> None:
         for row in rows:
             print(name, row, flush=True)
     text = render(results)
+    if args.layers != 32:
+        text = text.replace(
+            "\n\n| mesh",
+            f"\n\nThis run: {args.layers} of the 32 layers (`--layers {args.layers}`), the "
+            "same leaf shapes and shardings; the ratios are per leaf, the totals scale with "
+            "the layers.\n\n| mesh",
+            1,
+        )
     OUT.parent.mkdir(parents=True, exist_ok=True)
     OUT.write_text(text)
     print(text)
