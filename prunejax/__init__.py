@@ -50,6 +50,7 @@ from prunejax.masks import (
     combine,
     magnitude_masks,
     nm_masks,
+    place_like,
     random_masks,
     sparsity_report,
     threshold_masks,
@@ -72,6 +73,8 @@ from prunejax.schedules import (
     one_shot_sparsity,
     polynomial_sparsity,
 )
+from prunejax.selection import keep_lowest
+from prunejax.sharded import load_sharded, save_sharded
 from prunejax.sparse import (
     densify,
     export_tuning,
@@ -183,8 +186,10 @@ __all__ = [
     "import_tuning",
     "iterative_pruning",
     "iterative_sparsity",
+    "keep_lowest",
     "kmeans_quantize",
     "load",
+    "load_sharded",
     "load_checkpoint",
     "load_header",
     "load_mnist",
@@ -198,6 +203,7 @@ __all__ = [
     "movement_scores",
     "nm_masks",
     "one_shot_sparsity",
+    "place_like",
     "polynomial_sparsity",
     "predict_times",
     "pruned_counts",
@@ -209,6 +215,7 @@ __all__ = [
     "rigl",
     "save",
     "save_checkpoint",
+    "save_sharded",
     "score_masks",
     "set_sparse",
     "size_report",

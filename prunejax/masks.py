@@ -72,6 +72,14 @@ from prunejax._util import (
     split_layer_key,
     unit_axis,
 )
+from prunejax.selection import (
+    keep_lowest,
+    keep_lowest_k,
+    num_pruned,
+    order_key,
+    repeat_axis,
+    split_axis,
+)
 
 __all__ = [
     "magnitude_masks",
@@ -109,51 +117,22 @@ def _norm_dtype(x: Any, use_jax: bool) -> Any:
 
 
 def _num_pruned(sparsity: Any, n: int, use_jax: bool) -> Any:
-    """``round(s * n)`` half-to-even; an int for concrete ``s``, a traced int32 otherwise."""
+    """``round(s * n)`` half-to-even: an int for concrete ``s``; for a traced ``s`` the float32
+    product as an int32 ``(hi, lo)`` count pair (:func:`prunejax.selection.num_pruned`)."""
     if is_traced(sparsity) or (use_jax and isinstance(sparsity, jax.Array)):
         if not is_traced(sparsity):
             return int(np.round(np.float64(sparsity) * n))
-        return jnp.round(jnp.asarray(sparsity, jnp.float32) * n).astype(jnp.int32)
+        return num_pruned(sparsity, n)
     return int(np.round(np.float64(sparsity) * n))
 
 
-@jax.jit
-def _keep_lowest_k_jax(scores: jax.Array, k: jax.Array) -> jax.Array:
-    n = scores.shape[0]
-    order = jnp.argsort(scores, stable=True)
-    ranks = jnp.zeros((n,), jnp.int32).at[order].set(jnp.arange(n, dtype=jnp.int32))
-    return ranks >= k
-
-
-def keep_lowest_k(scores: Any, k: Any, use_jax: bool) -> Any:
-    """Boolean mask over a flat score vector: False for the ``k`` smallest, ties by index.
-
-    The ranking core of every builder (and of dynamic sparse training's drop and grow).
-
-    Args:
-      scores: a 1-D array of scores.
-      k: how many entries to prune (an int, or a traced int32 with ``use_jax``).
-      use_jax: compute with JAX (jit-compatible, traced ``k`` allowed) instead of NumPy.
-
-    Returns:
-      A 1-D boolean array, False at the ``k`` lowest scores (lower index first among ties).
-    """
-    n = scores.shape[0]
-    if use_jax:
-        return _keep_lowest_k_jax(scores, jnp.asarray(k, jnp.int32))
-    order = np.argsort(scores, kind="stable")
-    ranks = np.empty((n,), np.int64)
-    ranks[order] = np.arange(n)
-    return ranks >= k
-
-
 def _abs_scores(leaf: Any, use_jax: bool) -> Any:
-    """Exact magnitudes, flattened: ``|w|`` in the leaf's own float type (half types widened to
-    float32, which holds them exactly); for integers the unsigned magnitude of the same width
-    (``|int8(-128)| = uint8(128)``), compared exactly whatever its size (no float rounding, so
-    ``2**53 + 1`` ranks above ``2**53``); bools as 0/1."""
+    """Exact magnitudes in the leaf's shape: ``|w|`` in the leaf's own float type (half types
+    widened to float32, which holds them exactly); for integers the unsigned magnitude of the
+    same width (``|int8(-128)| = uint8(128)``), compared exactly whatever its size (no float
+    rounding, so ``2**53 + 1`` ranks above ``2**53``); bools as 0/1."""
     xp = jnp if use_jax else np
-    w = xp.asarray(leaf).reshape(-1)
+    w = xp.asarray(leaf)
     dt = np.dtype(w.dtype)
     if dt == np.bool_:
         return w.astype(np.uint8)
@@ -168,8 +147,48 @@ def _abs_scores(leaf: Any, use_jax: bool) -> Any:
 
 
 def _ones_like(leaf: Any, use_jax: bool) -> Any:
+    if is_jax(leaf) and not is_traced(leaf):  # made in place, shard by shard
+        return jnp.ones(np.shape(leaf), bool, device=leaf.sharding)
+    if is_jax(leaf):
+        return place_like(jnp.ones(np.shape(leaf), bool), leaf)
     shape = leaf.shape if hasattr(leaf, "shape") else np.shape(leaf)
     return jnp.ones(shape, bool) if use_jax else np.ones(shape, bool)
+
+
+def place_like(mask: Any, leaf: Any, *, tie: bool = True) -> Any:
+    """``mask`` with ``leaf``'s sharding, without gathering either to one device or the host.
+
+    Masks computed elementwise from a leaf already share its sharding; those computed from a
+    reduction of it (unit or block norms), from nothing but its shape (random, all-True) or by a
+    selection that reshapes need this.  Concrete arrays are moved device to device
+    (``jax.device_put``) when their shardings differ.  Under ``jit`` with an explicit mesh the
+    leaf's type names its sharding and the mask is resharded to it; with automatic (GSPMD/Shardy)
+    sharding the mask is tied to the leaf by a select that reads it, so that the propagation
+    gives the mask the leaf's sharding.  NumPy leaves and masks are returned unchanged.
+
+    Args:
+      mask: an array of ``leaf``'s shape (typically boolean).
+      leaf: the parameter it belongs to.
+      tie: under ``jit`` with automatic sharding, tie the mask to the leaf (False when the
+        caller combines them elementwise anyway, which gives the same propagation).
+
+    Returns:
+      ``mask``, placed like ``leaf``.
+    """
+    if not is_jax(mask) or not is_jax(leaf) or np.shape(mask) != np.shape(leaf):
+        return mask
+    if not is_traced(leaf) and not is_traced(mask):
+        if mask.sharding.is_equivalent_to(leaf.sharding, mask.ndim):
+            return mask
+        return jax.device_put(mask, leaf.sharding)
+    sharding = getattr(jax.typeof(leaf), "sharding", None)
+    mesh = getattr(sharding, "mesh", None)
+    types = getattr(mesh, "axis_types", ())
+    if any(t == jax.sharding.AxisType.Explicit for t in types):
+        if jax.typeof(mask).sharding.spec != sharding.spec:
+            mask = jax.sharding.reshard(mask, sharding.spec)
+        return mask
+    return jnp.where(jnp.asarray(leaf) != 0, mask, mask) if tie else mask
 
 
 def _use_jax(leaves: Sequence[Any], *extra: Any) -> bool:
@@ -235,7 +254,7 @@ def _per_leaf_masks(
 ) -> PyTree:
     """Masks ``build(index, leaf, value)`` where a leaf has a value, all-True elsewhere."""
     out = [
-        _ones_like(leaf, use_jax) if v is None else build(i, leaf, v)
+        _ones_like(leaf, use_jax) if v is None else place_like(build(i, leaf, v), leaf)
         for i, (leaf, v) in enumerate(zip(leaves, values, strict=True))
     ]
     return jax.tree_util.tree_unflatten(treedef, out)
@@ -261,44 +280,66 @@ def _int_residual(mag: Any, fdt: Any, use_jax: bool) -> Any:
     return jax.lax.bitcast_convert_type(diff, sdt) if use_jax else diff.view(sdt)
 
 
-def _global_keep(scores: list[Any], sparsity: Any, use_jax: bool) -> Any:
-    """One exact ranking over the concatenated magnitudes of several leaves.
+def _magnitude_dtype(dt: Any, use_jax: bool) -> np.dtype:
+    """The dtype :func:`_abs_scores` gives a leaf of dtype ``dt``."""
+    dt = np.dtype(jax.dtypes.canonicalize_dtype(dt) if use_jax else dt)
+    if dt == np.bool_:
+        return np.dtype(np.uint8)
+    if dt.kind in "iu":
+        return np.dtype(f"uint{8 * dt.itemsize}")
+    return np.dtype(np.float32) if dt.itemsize < 4 else dt
+
+
+@dataclass(frozen=True)
+class _MagnitudeKey:
+    """Selection key of a leaf: its exact magnitude in ``common`` (hashable, for ``jit``)."""
+
+    common: str
+
+    def __call__(self, leaf: Any) -> tuple[Any]:
+        use_jax = is_jax(leaf)
+        return (order_key(_abs_scores(leaf, use_jax).astype(self.common)),)
+
+
+@dataclass(frozen=True)
+class _MixedKey:
+    """Two-level key of float and integer leaves ranked together: the magnitude rounded to the
+    float type ``fdt``, then the integer remainder that rounding lost (0 for float leaves)."""
+
+    fdt: str
+    rdt: str
+
+    def __call__(self, leaf: Any) -> tuple[Any, Any]:
+        use_jax = is_jax(leaf)
+        xp = jnp if use_jax else np
+        mag = _abs_scores(leaf, use_jax)
+        if np.dtype(mag.dtype).kind == "u":
+            res = _int_residual(mag, np.dtype(self.fdt), use_jax).astype(self.rdt)
+        else:
+            res = xp.zeros(mag.shape, self.rdt)
+        return order_key(mag.astype(self.fdt)), order_key(res)
+
+
+def _global_keep(leaves: list[Any], sparsity: Any, use_jax: bool) -> list[Any]:
+    """One exact ranking over the magnitudes of several leaves; one mask per leaf.
 
     Leaves of one kind (all floating, or all integer) are compared in their common type, which
     holds every value exactly.  Floating and integer leaves together are ranked by two keys: the
     magnitude rounded to a float type (float64; float32 under JAX without x64) and the integer
-    remainder that rounding lost, so the order is exact for integers of any size as well.
+    remainder that rounding lost, so the order is exact for integers of any size as well.  The
+    selection (:func:`prunejax.selection.keep_lowest`) computes the magnitudes inside its passes:
+    no concatenation, no sort, each mask with its leaf's sharding.
     """
-    xp = jnp if use_jax else np
-    kinds = {np.dtype(x.dtype).kind for x in scores}
-    if len(kinds) == 1:
-        common = np.result_type(*[x.dtype for x in scores])
-        flat = xp.concatenate([x.astype(common) for x in scores])
-        k = _num_pruned(sparsity, flat.shape[0], use_jax)
-        return keep_lowest_k(flat, k, use_jax)
-    fdt = np.float64 if not use_jax or jax.config.jax_enable_x64 else np.float32
-    floats = [x for x in scores if np.dtype(x.dtype).kind == "f"]
-    fdt = np.result_type(fdt, *[x.dtype for x in floats])
-    primary = xp.concatenate([x.astype(fdt) for x in scores])
-    residual = xp.concatenate(
-        [
-            _int_residual(x, fdt, use_jax)
-            if np.dtype(x.dtype).kind == "u"
-            else xp.zeros(x.shape, np.int64 if fdt == np.float64 and not use_jax else np.int32)
-            for x in scores
-        ]
-    )
-    n = primary.shape[0]
+    dts = [_magnitude_dtype(dtype_of(x), use_jax) for x in leaves]
+    n = sum(int(np.prod(np.shape(x), dtype=np.int64)) for x in leaves)
     k = _num_pruned(sparsity, n, use_jax)
-    if use_jax:
-        iota = jnp.arange(n, dtype=jnp.int32)
-        order = jax.lax.sort((primary, residual.astype(jnp.int32), iota), num_keys=3)[-1]
-        ranks = jnp.zeros((n,), jnp.int32).at[order].set(iota)
+    if len({d.kind for d in dts}) == 1:
+        key: Any = _MagnitudeKey(np.result_type(*dts).name)
     else:
-        order = np.lexsort((residual, primary))
-        ranks = np.empty((n,), np.int64)
-        ranks[order] = np.arange(n)
-    return ranks >= k
+        fdt = np.float64 if not use_jax or jax.config.jax_enable_x64 else np.float32
+        fdt = np.result_type(fdt, *[d for d in dts if d.kind == "f"])
+        key = _MixedKey(np.dtype(fdt).name, "int32" if use_jax else "int64")
+    return keep_lowest(leaves, k, keys=(key,) * len(leaves), use_jax=use_jax)
 
 
 # ----------------------------------------------------------------------------- builders
@@ -337,9 +378,7 @@ def magnitude_masks(
         values = per_leaf_values(sparsity, paths, selected, name="sparsity", check=_check_sparsity)
 
         def build(i: int, leaf: Any, s: Any) -> Any:
-            scores = _abs_scores(leaf, use_jax)
-            k = _num_pruned(s, scores.shape[0], use_jax)
-            return keep_lowest_k(scores, k, use_jax).reshape(np.shape(leaf))
+            return _global_keep([leaf], s, use_jax)[0]
 
         return _per_leaf_masks(treedef, leaves, values, use_jax, build)
 
@@ -350,13 +389,10 @@ def magnitude_masks(
     chosen = [i for i, s in enumerate(selected) if s]
     if not chosen:
         raise ValueError("no leaf is selected for pruning (check where=)")
-    keep = _global_keep([_abs_scores(leaves[i], use_jax) for i in chosen], sparsity, use_jax)
+    keep = _global_keep([leaves[i] for i in chosen], sparsity, use_jax)
     out = [_ones_like(leaf, use_jax) for leaf in leaves]
-    offset = 0
-    for i in chosen:
-        n = int(np.prod(np.shape(leaves[i]), dtype=np.int64))
-        out[i] = keep[offset : offset + n].reshape(np.shape(leaves[i]))
-        offset += n
+    for i, m in zip(chosen, keep, strict=True):
+        out[i] = m
     return jax.tree_util.tree_unflatten(treedef, out)
 
 
@@ -468,6 +504,16 @@ def _keep_output(
     return values
 
 
+def _check_unit_rank(paths: list[str], leaves: list[Any], selected: list[bool]) -> None:
+    """Raise naming the first selected leaf that is not a kernel (``ndim < 2``)."""
+    for p, leaf, s in zip(paths, leaves, selected, strict=True):
+        if s and np.ndim(leaf) < 2:
+            raise ValueError(
+                f"unit_masks needs kernels (ndim >= 2), but leaf {p!r} has shape "
+                f"{np.shape(leaf)}; exclude it with where="
+            )
+
+
 def _unit_mask(leaf: Any, s: Any, ord: Any, axis: int, use_jax: bool) -> tuple[Any, Any]:
     """The mask of one kernel and its unit mask: units along ``axis`` ranked by the ``ord``-norm
     over all other axes."""
@@ -573,12 +619,7 @@ def unit_masks(
     layout = _unit_layout(params, layout)
     axis = _check_unit_args(ord, layout, prune_output)
     paths, leaves, treedef, selected = _validated(params, where)
-    for p, leaf, s in zip(paths, leaves, selected, strict=True):
-        if s and np.ndim(leaf) < 2:
-            raise ValueError(
-                f"unit_masks needs kernels (ndim >= 2), but leaf {p!r} has shape "
-                f"{np.shape(leaf)}; exclude it with where="
-            )
+    _check_unit_rank(paths, leaves, selected)
     layers = dense_layers(params, layout=layout, conv=True)
     biases = {layer.bias for layer in layers if layer.bias is not None}
     selected = [s and i not in biases for i, s in enumerate(selected)]
@@ -596,6 +637,7 @@ def unit_masks(
         b = bias_of.get(i)
         if b is not None and not selected[b]:
             out[b] = units.reshape(np.shape(leaves[b]))
+    out = [place_like(m, leaf) for m, leaf in zip(out, leaves, strict=True)]
     return jax.tree_util.tree_unflatten(treedef, out)
 
 
@@ -640,6 +682,25 @@ def threshold_masks(
         return xp.abs(w) >= q * xp.std(w)
 
     return _per_leaf_masks(treedef, leaves, values, use_jax, build)
+
+
+def _group_ranks(groups: Any, m: int, use_jax: bool) -> Any:
+    """The rank of every entry within its group (last axis), ties by index: a stable argsort's
+    ranks, counted pairwise for small groups (elementwise, so sharding-preserving)."""
+    if not use_jax or m > 32:
+        xp = jnp if use_jax else np
+        order = (
+            jnp.argsort(groups, axis=-1, stable=True)
+            if use_jax
+            else np.argsort(groups, axis=-1, kind="stable")
+        )
+        return xp.argsort(order, axis=-1)
+    pos = jax.lax.broadcasted_iota(jnp.int32, groups.shape, groups.ndim - 1)
+    ranks = jnp.zeros(groups.shape, jnp.int32)
+    for j in range(m):
+        other = groups[..., j : j + 1]
+        ranks = ranks + ((other < groups) | ((other == groups) & (j < pos))).astype(jnp.int32)
+    return ranks
 
 
 def nm_masks(
@@ -690,17 +751,11 @@ def nm_masks(
                 f"leaf {p!r} has shape {shape}: dimension {shape[axis]} along axis {axis} "
                 f"is not divisible by m={m}"
             )
-        w = xp.moveaxis(_abs_scores(leaf, use_jax).reshape(shape), axis, -1)
+        w = xp.moveaxis(_abs_scores(leaf, use_jax), axis, -1)
         moved = w.shape
-        groups = w.reshape(-1, m)
-        order = (
-            xp.argsort(groups, axis=-1, stable=True)
-            if use_jax
-            else np.argsort(groups, axis=-1, kind="stable")
-        )
-        ranks = xp.argsort(order, axis=-1)  # rank of each entry within its group
-        keep = (ranks >= m - n).reshape(moved)
-        out.append(xp.moveaxis(keep, -1, axis))
+        groups = split_axis(w, w.ndim - 1, m)  # no merge of axes: no resharding
+        keep = (_group_ranks(groups, m, use_jax) >= m - n).reshape(moved)
+        out.append(place_like(xp.moveaxis(keep, -1, axis), leaf))
     return jax.tree_util.tree_unflatten(treedef, out)
 
 
@@ -751,11 +806,11 @@ def block_masks(
     def build(i: int, leaf: Any, s: Any) -> Any:
         r, c = np.shape(leaf)
         w = xp.asarray(leaf).astype(_norm_dtype(leaf, use_jax))
-        blocks = w.reshape(r // bh, bh, c // bw, bw)
-        norms = xp.sqrt(xp.sum(blocks * blocks, axis=(1, 3))).reshape(-1)
-        k = _num_pruned(s, norms.shape[0], use_jax)
-        keep = keep_lowest_k(norms, k, use_jax).reshape(r // bh, c // bw)
-        return xp.repeat(xp.repeat(keep, bh, axis=0), bw, axis=1)
+        blocks = split_axis(split_axis(w, 1, bw), 0, bh)  # (r // bh, bh, c // bw, bw)
+        norms = xp.sqrt(xp.sum(blocks * blocks, axis=(1, 3)))
+        k = _num_pruned(s, int(np.size(norms)), use_jax)
+        keep = keep_lowest_k(norms, k, use_jax)  # ties by row-major block index
+        return repeat_axis(repeat_axis(keep, bh, 0), bw, 1)
 
     return _per_leaf_masks(treedef, leaves, values, use_jax, build)
 
@@ -789,9 +844,16 @@ def random_masks(
 
     def build(i: int, leaf: Any, s: Any) -> Any:
         size = int(np.prod(np.shape(leaf), dtype=np.int64))
-        scores = jax.random.uniform(jax.random.fold_in(key, i), (size,))
-        keep = keep_lowest_k(scores, _num_pruned(s, size, True), True).reshape(np.shape(leaf))
-        return keep if use_jax else np.asarray(keep)
+        # drawn in the leaf's shape: the same numbers as a flat draw, and no reshape to reshard
+        k = _num_pruned(s, size, True)
+
+        def draw() -> Any:
+            scores = jax.random.uniform(jax.random.fold_in(key, i), np.shape(leaf))
+            return keep_lowest_k(scores, k, True)
+
+        if is_jax(leaf) and not is_traced(leaf) and not is_traced(key):
+            return jax.jit(draw, out_shardings=leaf.sharding)()  # drawn shard by shard
+        return place_like(draw(), leaf) if use_jax else np.asarray(draw())
 
     return _per_leaf_masks(treedef, leaves, values, use_jax, build)
 

@@ -50,7 +50,7 @@ from prunejax._util import (
     is_int,
     select,
 )
-from prunejax.masks import keep_lowest_k, random_masks
+from prunejax.masks import keep_lowest_k, place_like, random_masks
 from prunejax.transforms.masked import (
     as_bool_masks,
     check_inner,
@@ -232,22 +232,25 @@ def _dst_init(
 def _regrow_leaf(
     w: Any, g: Any, m: Any, frac: jax.Array, grow: str, key: jax.Array, i: int
 ) -> tuple[jax.Array, jax.Array]:
-    """One leaf's drop and grow: ``(new mask, grown entries)``, both of ``w``'s shape."""
-    shape = jnp.shape(w)
-    mf = m.reshape(-1)
-    n_active = jnp.sum(mf, dtype=jnp.int32)
+    """One leaf's drop and grow: ``(new mask, grown entries)``, both of ``w``'s shape.
+
+    Computed in the leaf's own shape (no flattening), so the masks keep its sharding.
+    """
+    m = jnp.asarray(m)
+    n_active = jnp.sum(m, dtype=jnp.int32)
     k = jnp.round(frac * n_active.astype(jnp.float32)).astype(jnp.int32)
     k = jnp.clip(k, 0, n_active)
-    absw = jnp.abs(jnp.asarray(w, jnp.float32)).reshape(-1)
-    drop_score = jnp.where(mf, absw, jnp.inf)
-    after = mf & keep_lowest_k(drop_score, k, True)
+    absw = jnp.abs(jnp.asarray(w, jnp.float32))
+    drop_score = jnp.where(m, absw, jnp.inf)
+    after = m & keep_lowest_k(drop_score, k, True)
     if grow == "gradient":
-        score = jnp.abs(jnp.asarray(g, jnp.float32)).reshape(-1)
+        score = jnp.abs(jnp.asarray(g, jnp.float32))
     else:
-        score = jax.random.uniform(jax.random.fold_in(key, i), (mf.shape[0],))
+        # drawn in the leaf's shape: the same numbers as a flat draw of its size
+        score = place_like(jax.random.uniform(jax.random.fold_in(key, i), jnp.shape(w)), w)
     neg = jnp.where(after, jnp.inf, -score)
     new_grown = ~keep_lowest_k(neg, k, True)
-    return (after | new_grown).reshape(shape), new_grown.reshape(shape)
+    return place_like(after | new_grown, w), place_like(new_grown, w)
 
 
 def _topology(
@@ -270,7 +273,7 @@ def _topology(
     for i, (w, g, m, s) in enumerate(zip(leaves, gleaves, mleaves, sel, strict=True)):
         if not s or np.size(w) == 0:
             new_masks.append(m)
-            grown.append(jnp.zeros(jnp.shape(m), jnp.bool_))
+            grown.append(jnp.zeros_like(m, dtype=jnp.bool_))
             continue
         new_mask, new_grown = _regrow_leaf(w, g, m, frac, grow, key, i)
         new_masks.append(new_mask)

@@ -19,6 +19,7 @@ import numpy as np
 import optax
 
 from prunejax._util import PyTree, check_same_structure, path_str
+from prunejax.masks import place_like
 
 __all__ = ["MaskedState", "masked", "mask_state", "check_like_masks"]
 
@@ -98,7 +99,9 @@ def zero_where_pruned(tree: PyTree, masks: PyTree, *, what: str = "updates") -> 
       ValueError: ``tree`` does not match the masks (structure or a leaf's shape).
     """
     check_like_masks(tree, masks, what=what)
-    return jax.tree_util.tree_map(lambda x, m: jnp.where(m, x, jnp.zeros_like(x)), tree, masks)
+    return jax.tree_util.tree_map(
+        lambda x, m: jnp.where(place_like(m, x, tie=False), x, jnp.zeros_like(x)), tree, masks
+    )
 
 
 def updates_to_pruned_zero(updates: PyTree, params: PyTree, masks: PyTree) -> PyTree:
@@ -119,7 +122,9 @@ def updates_to_pruned_zero(updates: PyTree, params: PyTree, masks: PyTree) -> Py
     check_like_masks(updates, masks, what="updates")
     check_like_masks(params, masks, what="params")
     return jax.tree_util.tree_map(
-        lambda u, p, m: jnp.where(m, u, (jnp.zeros_like(p) - p).astype(u.dtype)),
+        lambda u, p, m: jnp.where(
+            place_like(m, u, tie=False), u, (jnp.zeros_like(p) - p).astype(u.dtype)
+        ),
         updates,
         params,
         masks,

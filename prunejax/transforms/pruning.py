@@ -16,6 +16,7 @@ import jax.numpy as jnp
 import optax
 
 from prunejax._util import PyTree, check_same_structure, find_state, is_int
+from prunejax.masks import place_like
 from prunejax.transforms.masked import (
     as_bool_masks,
     check_inner,
@@ -109,12 +110,19 @@ def _check_steps(begin_step: Any, end_step: Any, update_every: Any) -> None:
         raise ValueError(f"update_every must be an int >= 1, got {update_every!r}")
 
 
+def _all_kept(p: Any) -> Any:
+    """An all-True mask placed like the parameter (made shard by shard when it is concrete)."""
+    if isinstance(p, jax.Array) and not isinstance(p, jax.core.Tracer):
+        return jnp.ones(jnp.shape(p), jnp.bool_, device=p.sharding)
+    return place_like(jnp.ones(jnp.shape(p), jnp.bool_), p)
+
+
 def _pruning_init(
     inner: optax.GradientTransformation, initial_masks: PyTree | None
 ) -> Callable[[PyTree], PruningState]:
     def init_fn(params: PyTree) -> PruningState:
         if initial_masks is None:
-            masks = jax.tree_util.tree_map(lambda p: jnp.ones(jnp.shape(p), jnp.bool_), params)
+            masks = jax.tree_util.tree_map(_all_kept, params)
         else:
             check_same_structure(params, initial_masks, what="masks")
             masks = as_bool_masks(initial_masks)
