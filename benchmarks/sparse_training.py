@@ -800,8 +800,8 @@ def _write(out: str, meta: dict, records: list[dict], log: Callable[[str], None]
 
 
 def merge(paths: Sequence[str], out: str, note: str | None = None) -> dict:
-    """Combine runs of the same options over different seeds (one JSON per seed, written by
-    separate processes) into one report.
+    """Combine runs of the same options over different seeds or sparsities (one JSON per run,
+    written by separate processes) into one report.
 
     Args:
       paths: the ``sparse_training.json`` files.
@@ -812,19 +812,18 @@ def merge(paths: Sequence[str], out: str, note: str | None = None) -> dict:
       The merged result, as written.
 
     Raises:
-      ValueError: the files' options differ in anything but the seeds.
+      ValueError: the files' options differ in anything but the seeds and sparsities.
     """
     parts = [json.load(open(p)) for p in paths]
     meta = dict(parts[0]["meta"])
-    same = {k: v for k, v in meta["options"].items() if k != "seeds"}
+    free = ("seeds", "sparsities")
+    same = {k: v for k, v in meta["options"].items() if k not in free}
     for p, part in zip(paths, parts, strict=True):
-        other = {k: v for k, v in part["meta"]["options"].items() if k != "seeds"}
+        other = {k: v for k, v in part["meta"]["options"].items() if k not in free}
         if other != same:
             raise ValueError(f"{p} was run with other options than {paths[0]}")
-    meta["options"] = {
-        **same,
-        "seeds": [s for part in parts for s in part["meta"]["options"]["seeds"]],
-    }
+    union = {k: sorted({v for part in parts for v in part["meta"]["options"][k]}) for k in free}
+    meta["options"] = {**same, **union}
     meta["wall_seconds"] = sum(part["meta"]["wall_seconds"] for part in parts)
     meta["merged"] = len(parts)
     if note:

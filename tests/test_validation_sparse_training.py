@@ -100,3 +100,20 @@ def test_merge_combines_seeds_and_refuses_other_options(tmp_path, monkeypatch):
     assert rows[0]["val_error_mean"] == pytest.approx(1.7)
     with pytest.raises(ValueError, match="other options"):
         st.merge([_part(tmp_path, 0, 0.01), _part(tmp_path, 1, 0.01, lr=0.005)], str(tmp_path))
+
+
+def test_merge_combines_sparsities_of_separate_runs(tmp_path, monkeypatch):
+    seen = {}
+    monkeypatch.setattr(
+        st, "_write", lambda out, meta, recs, log: seen.update(meta=meta, recs=recs)
+    )
+    p98 = _part(tmp_path, 0, 0.015)
+    p90 = tmp_path / "s90.json"
+    d = json.loads(open(_part(tmp_path, 1, 0.012, sparsities=[0.9])).read())
+    d["runs"][0]["sparsity"] = 0.9
+    p90.write_text(json.dumps(d))
+    st.merge([p98, str(p90)], str(tmp_path))
+    assert seen["meta"]["options"]["sparsities"] == [0.9, 0.98]
+    assert seen["meta"]["options"]["seeds"] == [0, 1]
+    rows = st._summary(seen["recs"], [0.9, 0.98], ["gradual"])
+    assert [r["error_mean"] for r in rows] == pytest.approx([1.2, 1.5])
