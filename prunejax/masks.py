@@ -186,7 +186,7 @@ def place_like(mask: Any, leaf: Any, *, tie: bool = True) -> Any:
     types = getattr(mesh, "axis_types", ())
     if any(t == jax.sharding.AxisType.Explicit for t in types):
         if jax.typeof(mask).sharding.spec != sharding.spec:
-            mask = jax.sharding.reshard(mask, sharding.spec)
+            mask = jax.sharding.reshard(mask, sharding)
         return mask
     return jnp.where(jnp.asarray(leaf) != 0, mask, mask) if tie else mask
 

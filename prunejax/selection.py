@@ -168,9 +168,9 @@ def split_axis(x: Any, axis: int, size: int) -> Any:
     found = _explicit_spec(x)
     if found is None:
         return x.reshape(new)
-    spec = found[1]
+    mesh, spec = found
     out = jax.sharding.PartitionSpec(*spec[:axis], spec[axis], None, *spec[axis + 1 :])
-    return jax.lax.reshape(x, new, out_sharding=out)
+    return jax.lax.reshape(x, new, out_sharding=jax.sharding.NamedSharding(mesh, out))
 
 
 def repeat_axis(x: Any, repeats: int, axis: int) -> Any:
@@ -178,7 +178,8 @@ def repeat_axis(x: Any, repeats: int, axis: int) -> Any:
     found = _explicit_spec(x)
     if found is None:
         return (jnp if isinstance(x, jax.Array | jax.core.Tracer) else np).repeat(x, repeats, axis)
-    return jnp.repeat(x, repeats, axis, out_sharding=jax.sharding.PartitionSpec(*found[1]))
+    out = jax.sharding.NamedSharding(found[0], jax.sharding.PartitionSpec(*found[1]))
+    return jnp.repeat(x, repeats, axis, out_sharding=out)
 
 
 def _explicit_spec(x: Any) -> tuple[Any, Any] | None:
