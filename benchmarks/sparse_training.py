@@ -584,7 +584,7 @@ def _markdown(meta: dict, rows: list[dict], dense_rows: list[dict]) -> str:
         f"{meta['cores']} cores, JAX {meta['jax']} ({meta['backend']}); "
         f"total wall time {meta['wall_seconds'] / 60:.1f} min"
         + (
-            f" (the sum of {meta['merged']} runs, one per seed, run side by side)."
+            f" (the sum of {meta['merged']} merged runs)."
             if meta.get("merged")
             else "."
         ),
@@ -816,10 +816,10 @@ def merge(paths: Sequence[str], out: str, note: str | None = None) -> dict:
     """
     parts = [json.load(open(p)) for p in paths]
     meta = dict(parts[0]["meta"])
-    free = ("seeds", "sparsities")
-    same = {k: v for k, v in meta["options"].items() if k not in free}
+    free, ignored = ("seeds", "sparsities"), ("seeds", "sparsities", "note")
+    same = {k: v for k, v in meta["options"].items() if k not in ignored}
     for p, part in zip(paths, parts, strict=True):
-        other = {k: v for k, v in part["meta"]["options"].items() if k not in free}
+        other = {k: v for k, v in part["meta"]["options"].items() if k not in ignored}
         if other != same:
             raise ValueError(f"{p} was run with other options than {paths[0]}")
     union = {k: sorted({v for part in parts for v in part["meta"]["options"][k]}) for k in free}
@@ -876,7 +876,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
         "load_average": load_start,
         "load_average_end": f"{os.getloadavg()[0]:.1f}",
         "wall_seconds": wall,
-        "options": {k: v for k, v in vars(opts).items() if k not in ("out", "merge")},
+        "options": {k: v for k, v in vars(opts).items() if k not in ("out", "merge", "note")},
     }
     result = _write(opts.out, meta, records, log)
     return result
