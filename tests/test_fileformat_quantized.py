@@ -321,3 +321,27 @@ def test_quantized_biases_and_activation_in_auto(tmp_path):
         pj.mlp_apply(load(tmp_path / "c"), x), pj.mlp_apply(pj.dequantize(q), x), atol=1e-5
     )
     assert m > n
+
+
+@pytest.mark.parametrize("fmt", ["qhuffman", "qrelative"])
+def test_a_long_stream_of_escapes_is_refused_at_the_end_of_its_leaf(tmp_path, fmt):
+    """A leaf of one entry with a blob of 64 KiB of escape symbols: decoding stops as soon as
+    the relative indices pass the leaf, not at the end of the blob."""
+    f = tmp_path / "q"
+    w = np.zeros((4, 4), np.float32)
+    w[0, 1], w[2, 3] = 1.0, 2.0
+    save(f, pj.kmeans_quantize({"k": w}, 1), format=fmt)
+    cb = np.zeros(1, "<f4").view(np.uint8)
+    # qhuffman: index symbols 0 and 1 (the escape) of 1 bit each, one code of 1 bit
+    tables = [np.array([0x11, 0x10], np.uint8)] if fmt == "qhuffman" else []
+    blob = np.concatenate([cb, *tables, np.full(2**16, 0xFF, np.uint8)])
+
+    def header_fn(h):
+        h["leaves"][0].update(shape=[1], nnz=1, index_bits=1, codebook=1, blob=int(blob.size))
+
+    def member_fn(m):
+        m["0.blob"] = blob
+
+    _rewrite(f, header_fn=header_fn, member_fn=member_fn)
+    with pytest.raises(FileFormatError, match="relative index past its leaf of 1"):
+        load(f)

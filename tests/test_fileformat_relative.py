@@ -117,3 +117,23 @@ def test_corrupted_relative_leaf_raises(tmp_path, edit):
     _rewrite(f, header_fn=header, member_fn=members)
     with pytest.raises(FileFormatError):
         load(f)
+
+
+def test_a_long_stream_of_escapes_is_refused_at_the_end_of_its_leaf(tmp_path):
+    """A leaf of one entry whose index stream is 64 KiB of escapes: decoding stops as soon as
+    the relative indices pass the leaf, not at the end of the stream."""
+    f = tmp_path / "r"
+    save(f, {"k": _sparse((50, 40), 0.05, seed=2)}, format="relative")
+    # symbols 0 and 1 (the escape for index_bits=1) of one bit each, then all escapes
+    blob = np.concatenate([np.array([0x11], np.uint8), np.full(2**16, 0xFF, np.uint8)])
+
+    def header_fn(h):
+        h["leaves"][0].update(shape=[1, 1], nnz=1, index_bits=1, blob=int(blob.size))
+
+    def member_fn(m):
+        m["0.indices"] = blob
+        m["0.data"] = np.ones(1, np.float32)
+
+    _rewrite(f, header_fn=header_fn, member_fn=member_fn)
+    with pytest.raises(FileFormatError, match="relative index past its leaf of 1"):
+        load(f)

@@ -98,9 +98,11 @@ first: a FIFO, directory or device raises at once).  Before anything is decoded,
 is bounded, JSON is parsed with bounded size and nesting depth (measured before parsing) and
 duplicate keys are refused, the magic, version and checksum are verified, the safetensors offsets
 are validated by the safetensors library, and every member's shape and dtype must be what the
-prunejax header implies.  A quantized blob is decoded with work bounded by its own length (every
-Huffman symbol consumes a bit; nothing is allocated beyond the declared leaf) and refused unless
-it decodes to exactly ``nnz`` kept entries inside the leaf, codes inside the codebook, finite
+prunejax header implies.  A quantized blob or relative index stream is decoded with work
+bounded by the declared leaf, whatever the blob's length: it is unpacked chunk by chunk, and every
+relative index symbol advances at least one entry, so decoding stops with an error as soon as the
+indices pass the leaf (nothing is allocated beyond the declared leaf and one chunk); it is refused
+unless it decodes to exactly ``nnz`` kept entries inside the leaf, codes inside the codebook, finite
 centroids and zero padding.  Declared shapes are then checked against ``max_bytes``/``max_elements``
 (after ``expand``), so a small file cannot make ``load`` allocate more than the caller allows
 (default 64 MiB, or 256 times the file size for files over 256 KiB).  Index arrays are

@@ -226,9 +226,9 @@ def _fixed_bits(values: np.ndarray, width: int) -> np.ndarray:
     return ((values[:, None] >> shifts[None, :]) & 1).astype(np.uint8).reshape(-1)
 
 
-def _read_fixed(bits: np.ndarray, start: int, count: int, width: int) -> np.ndarray:
+def _read_fixed(rd: entropy.BitReader, start: int, count: int, width: int) -> np.ndarray:
     """``count`` unsigned values of ``width`` bits from bit ``start`` (``uint32``), in chunks."""
-    if start + count * width > bits.size:
+    if start + count * width > rd.n:
         raise FileFormatError("a fixed-width stream ends early")
     out = np.zeros(count, np.uint32)
     if width == 0:
@@ -237,7 +237,7 @@ def _read_fixed(bits: np.ndarray, start: int, count: int, width: int) -> np.ndar
     step = 2**16
     for c in range(0, count, step):
         n = min(step, count - c)
-        seg = bits[start + c * width : start + (c + n) * width].reshape(n, width)
+        seg = rd.bits(start + c * width, start + (c + n) * width).reshape(n, width)
         out[c : c + n] = seg.astype(np.int64) @ weights
     return out
 
@@ -269,20 +269,29 @@ def encode_leaf(leaf: QuantLeaf) -> np.ndarray:
     return blob
 
 
-def _relative_fixed(bits: np.ndarray, ib: int, nnz: int, chunk: int = 2**16) -> np.ndarray:
-    """The fixed-width relative-index symbols up to the ``nnz``-th kept entry, read in chunks
-    (memory bounded by the stream and the chunk, whatever the header claims)."""
+def _relative_fixed(
+    rd: entropy.BitReader, ib: int, nnz: int, size: int, chunk: int = 2**16
+) -> np.ndarray:
+    """The fixed-width relative-index symbols up to the ``nnz``-th kept entry, read in chunks.
+
+    Every symbol advances at least one entry, so reading stops with an error once the indices
+    pass the leaf's ``size``: work and memory stay bounded by the leaf and the chunk, whatever
+    the blob's length.
+    """
     m = 2**ib - 1
     out: list[np.ndarray] = []
-    start, seen = 0, 0
+    start, seen, pos = 0, 0, 0
     while seen < nnz:
-        count = min(chunk, (bits.size - start) // ib)
+        count = min(chunk, (rd.n - start) // ib)
         if count <= 0:
             raise FileFormatError("the relative-index stream ends early")
-        syms = _read_fixed(bits, start, count, ib).astype(np.uint16)
+        syms = _read_fixed(rd, start, count, ib).astype(np.uint16)
         kept = np.flatnonzero(syms != m)
         if seen + kept.size >= nnz:
             syms = syms[: int(kept[nnz - seen - 1]) + 1]
+        pos += int(np.where(syms == m, m, syms.astype(np.int64) + 1).sum())
+        if pos > size:
+            raise FileFormatError(f"a relative index past its leaf of {size}")
         out.append(syms)
         seen += min(kept.size, nnz - seen)
         start += count * ib
@@ -299,15 +308,15 @@ def _positions(enc: str, leaf: Mapping, rd: entropy.BitReader, tables: tuple, si
     if enc == "qbitmask":
         if size > rd.n:
             raise FileFormatError("the bitmask ends early")
-        pos = np.flatnonzero(rd.bits[:size])
+        pos = np.flatnonzero(rd.bits(0, size))
         if pos.size != nnz:
             raise FileFormatError(f"the bitmask does not hold {nnz} bits")
         return pos, size
     if enc == "qrelative":
-        syms = _relative_fixed(rd.bits, ib, nnz)
+        syms = _relative_fixed(rd, ib, nnz, size)
         return entropy.relative_positions(syms, ib, size=size), syms.size * ib
     else:
-        syms, end = entropy.decode(rd, 0, tables[0], count=nnz, stop=2**ib - 1)
+        syms, end = entropy.decode(rd, 0, tables[0], count=nnz, stop=2**ib - 1, size=size)
         return entropy.relative_positions(syms, ib, size=size), end
 
 
@@ -380,15 +389,15 @@ def _decode(leaf: Mapping, blob: np.ndarray) -> Quantized:
             entropy.unpack_lengths(blob[off + ni : off + ni + nc], k),
         )
         off += ni + nc
-    rd = entropy.BitReader(np.unpackbits(blob[off:]))
+    rd = entropy.BitReader.packed(blob[off:])
     pos, p = _positions(enc, leaf, rd, tables, size)
     if enc == "qhuffman":
         codes, p = entropy.decode(rd, p, tables[1], count=nnz)
     else:
-        codes, p = _read_fixed(rd.bits, p, nnz if enc != "qdense" else size, w), p + nnz * w
+        codes, p = _read_fixed(rd, p, nnz if enc != "qdense" else size, w), p + nnz * w
     if codes.size and codes.max() >= k:
         raise FileFormatError("a code points past the codebook")
-    if entropy.bits_to_bytes(p) != rd.n // 8 or rd.bits[p:].any():
+    if entropy.bits_to_bytes(p) != rd.n // 8 or not rd.zero_from(p):
         raise FileFormatError("the bit stream has trailing data")
     full = np.zeros(size, np.uint8 if k <= 256 else np.uint16)
     mask = np.zeros(size, bool)
