@@ -345,3 +345,47 @@ def test_a_long_stream_of_escapes_is_refused_at_the_end_of_its_leaf(tmp_path, fm
     _rewrite(f, header_fn=header_fn, member_fn=member_fn)
     with pytest.raises(FileFormatError, match="relative index past its leaf of 1"):
         load(f)
+
+
+def test_quantized_leaves_in_an_out_in_layout_are_refused_naming_the_leaf(tmp_path):
+    """``layout="out_in"`` would transpose a 2-D ``Quantized`` leaf's codes and mask as separate
+    arrays (and load the kernel transposed): refused, naming the leaf; a 1-D quantized bias
+    next to a plain ``(out, in)`` kernel is untouched and round-trips."""
+    rng = np.random.default_rng(0)
+    w = rng.normal(size=(6, 4)).astype(np.float32)
+    w[np.abs(w) < 0.5] = 0
+    q = pj.kmeans_quantize({"D": {"kernel": w}}, 2)
+    with pytest.raises(ValueError, match="'D/kernel'.*out_in"):
+        save(tmp_path / "m", q, layout="out_in")
+    assert not (tmp_path / "m").exists()
+    b = Quantized(
+        codes=np.array([0, 1, 0, 1], np.uint8),
+        codebook=np.array([-1.5, 2.0], np.float32),
+        mask=np.array([True, True, False, True]),
+        dtype="float32",
+        kind="kmeans",
+    )
+    save(tmp_path / "ok", {"D": {"kernel": w, "bias": b}}, layout="out_in", format="qbitmask")
+    r = load(tmp_path / "ok", quantized=True)["D"]
+    assert np.array_equal(r["kernel"], w)
+    _assert_same_quantized(r["bias"], b)
+
+
+def test_quantized_leaves_in_nnx_and_equinox_containers_are_refused(tmp_path):
+    eqx = pytest.importorskip("equinox")
+    from flax import nnx
+
+    class M(nnx.Module):
+        def __init__(self, rngs):
+            self.fc1 = nnx.Linear(6, 4, rngs=rngs)
+
+    _, state = nnx.split(M(nnx.Rngs(0)))
+    with pytest.raises(ValueError, match="'fc1/kernel.*nnx.State"):
+        save(tmp_path / "n", pj.kmeans_quantize(state, 2))
+
+    class E(eqx.Module):
+        weight: Quantized
+
+    w = np.arange(1, 25, dtype=np.float32).reshape(4, 6)
+    with pytest.raises(ValueError, match="'weight'.*Equinox"):
+        save(tmp_path / "e", E(pj.kmeans_quantize({"w": w}, 2)["w"]))
