@@ -59,6 +59,7 @@ import numpy as np
 from prunejax._util import (
     PyTree,
     Where,
+    check_finite,
     check_int,
     check_same_structure,
     flatten,
@@ -323,6 +324,8 @@ def _selected_leaves(
     for p, leaf, b in zip(paths, leaves, per_leaf, strict=True):
         if b is not None and np.asarray(leaf).dtype.kind != "f" and str(leaf.dtype) != "bfloat16":
             raise TypeError(f"cannot quantize leaf {p!r} of dtype {leaf.dtype}: not a float")
+        if b is not None:
+            check_finite(p, leaf)
     return paths, leaves, mleaves, per_leaf, treedef
 
 
@@ -372,7 +375,8 @@ def kmeans_quantize(
 
     Raises:
       TypeError: a traced or non-float leaf, non-boolean masks, params already quantized.
-      ValueError: bad ``bits`` (naming the leaf), masks that do not match.
+      ValueError: bad ``bits`` (naming the leaf), a NaN/inf weight in a selected leaf (naming
+        it), masks that do not match.
     """
     check_int(max_iter, name="max_iter", minimum=1)
     _, leaves, mleaves, per_leaf, treedef = _selected_leaves(params, bits, masks, where, 1)
@@ -396,6 +400,7 @@ def _uniform_codebook(values: np.ndarray, bits: int, symmetric: bool) -> np.ndar
         zero_point = k // 2
         scale = max(abs(lo), abs(hi)) / (k // 2 - 1)
     else:
+        lo, hi = min(lo, 0.0), max(hi, 0.0)  # 0 on the grid and every weight inside it
         span = hi - lo
         scale = (span if span > 0 else (abs(lo) or 1.0)) / (k - 1)
         zero_point = int(np.clip(np.round(-lo / scale), 0, k - 1))
@@ -416,7 +421,8 @@ def uniform_quantize(
     The codebook is the integer grid ``scale * (j - zero_point)``, ``j = 0 .. 2**b - 1``:
     symmetric (``zero_point = 2**(b-1)``, ``scale = max|w| / (2**(b-1) - 1)``, the ``int8``
     range ``-127..127`` for ``b = 8``, as in Jacob et al. 2018's weight quantization) or affine
-    (``scale = (max - min) / (2**b - 1)``, integer ``zero_point``, so ``0`` is on the grid).
+    (``scale = (max - min) / (2**b - 1)`` over ``[min(min, 0), max(max, 0)]``, integer
+    ``zero_point``, so ``0`` is on the grid and every weight within half a step of it).
     Each kept weight takes the nearest grid point.
 
     Args:
