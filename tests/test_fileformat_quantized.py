@@ -389,3 +389,32 @@ def test_quantized_leaves_in_nnx_and_equinox_containers_are_refused(tmp_path):
     w = np.arange(1, 25, dtype=np.float32).reshape(4, 6)
     with pytest.raises(ValueError, match="'weight'.*Equinox"):
         save(tmp_path / "e", E(pj.kmeans_quantize({"w": w}, 2)["w"]))
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+def test_a_codebook_overflowing_the_leaf_dtype_is_refused(tmp_path, dtype):
+    """A centroid finite in float32 but not in the leaf's dtype would save and load as inf."""
+    big = np.float32(1e5 if dtype == "float16" else 3.4e38)  # finite in float32 only
+
+    def leaf(c):
+        return Quantized(
+            codes=np.array([[0, 1], [1, 0]], np.uint8),
+            codebook=np.array([1.0, c], np.float32),
+            mask=np.ones((2, 2), bool),
+            dtype=dtype,
+            kind="kmeans",
+        )
+
+    with pytest.raises(ValueError, match="'k'.*overflows"):
+        save(tmp_path / "bad", {"k": leaf(big)}, format="qbitmask")
+    f = tmp_path / "q"
+    save(f, {"k": leaf(2.0)}, format="qbitmask")
+    # the same file with the second centroid raised past the dtype (valid checksum)
+    _rewrite(f, member_fn=_blob_edit(0, lambda b: _set_f32(b, 1, big)))
+    with pytest.raises(FileFormatError, match="overflows"):
+        load(f)
+
+
+def _set_f32(b, j, v):
+    b[4 * j : 4 * j + 4] = np.frombuffer(np.float32(v).tobytes(), np.uint8)
+    return b

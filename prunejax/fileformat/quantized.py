@@ -127,6 +127,10 @@ def as_numpy(path: str, q: Quantized) -> Quantized:
         raise ValueError(f"cannot save leaf {path!r}: codes/mask of bad shape or dtype")
     if not np.isfinite(cb.astype(np.float32)).all():
         raise ValueError(f"cannot save leaf {path!r}: its codebook holds NaN or inf")
+    if not _finite_as(cb, q.dtype):
+        raise ValueError(
+            f"cannot save leaf {path!r}: its codebook overflows its dtype {jnp.dtype(q.dtype)}"
+        )
     if codes[mask].size and (codes[mask].min() < 0 or codes[mask].max() >= k):
         raise ValueError(f"cannot save leaf {path!r}: a code points past its codebook of {k}")
     if jnp.dtype(q.dtype).kind != "f" and q.dtype != "bfloat16":
@@ -139,6 +143,16 @@ def as_numpy(path: str, q: Quantized) -> Quantized:
         dtype=str(jnp.dtype(q.dtype)),
         kind=str(q.kind),
     )
+
+
+def _finite_as(codebook: np.ndarray, dtype: object) -> bool:
+    """Whether every centroid stays finite when cast to the leaf's ``dtype``."""
+    try:
+        with np.errstate(over="ignore"):
+            cast = np.asarray(codebook, np.float32).astype(np.dtype(jnp.dtype(dtype)))
+    except TypeError:
+        return True  # not a float dtype: refused elsewhere
+    return bool(np.isfinite(cast.astype(np.float32)).all())
 
 
 def _width(k: int) -> int:
@@ -379,6 +393,8 @@ def _decode(leaf: Mapping, blob: np.ndarray) -> Quantized:
     codebook = blob[:off].view("<f4").astype(np.float32)
     if not np.isfinite(codebook).all():
         raise FileFormatError("its codebook holds NaN or inf")
+    if not _finite_as(codebook, leaf["dtype"]):
+        raise FileFormatError(f"its codebook overflows its dtype {leaf['dtype']}")
     tables: tuple = ()
     if enc == "qhuffman":
         ni, nc = _half(2**ib), _half(k)
