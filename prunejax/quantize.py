@@ -253,18 +253,26 @@ def codebook_grads(tree: PyTree, grads: PyTree) -> PyTree:
 
 
 def nearest_codes(values: np.ndarray, codebook: np.ndarray) -> np.ndarray:
-    """The index of the nearest codebook entry of every value (ties to the lower entry).
+    """The index of the nearest codebook entry of every value (ties to the smaller centroid).
 
     Args:
       values: the weights (any shape, real).
-      codebook: the centroids, sorted in non-decreasing order.
+      codebook: the centroids (1-D, non-empty, any order: an unsorted codebook is searched in
+        sorted order and the codes name its own entries).
 
     Returns:
       Codes of ``values``' shape, ``uint8`` or ``uint16`` by the codebook's size.
+
+    Raises:
+      ValueError: an empty or not 1-D codebook.
     """
     cb = np.asarray(codebook, np.float64)
-    mids = (cb[:-1] + cb[1:]) / 2
-    codes = np.searchsorted(mids, np.asarray(values, np.float64), side="left")
+    if cb.ndim != 1 or cb.size == 0:
+        raise ValueError(f"codebook must be a non-empty 1-D array, got shape {cb.shape}")
+    order = np.argsort(cb, kind="stable")
+    sorted_cb = cb[order]
+    mids = (sorted_cb[:-1] + sorted_cb[1:]) / 2
+    codes = order[np.searchsorted(mids, np.asarray(values, np.float64), side="left")]
     return codes.astype(_code_dtype(cb.size))
 
 
@@ -283,7 +291,12 @@ def kmeans_codebook(values: np.ndarray, k: int, *, max_iter: int = 300) -> np.nd
 
     Returns:
       ``k`` sorted ``float32`` centroids (all ``0`` when ``values`` is empty).
+
+    Raises:
+      TypeError, ValueError: ``k`` or ``max_iter`` not an int of at least 1.
     """
+    k = check_int(k, name="k", minimum=1)
+    max_iter = check_int(max_iter, name="max_iter", minimum=1)
     x = np.sort(np.asarray(values, np.float64).reshape(-1))
     if x.size == 0:
         return np.zeros(k, np.float32)

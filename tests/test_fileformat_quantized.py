@@ -418,3 +418,12 @@ def test_a_codebook_overflowing_the_leaf_dtype_is_refused(tmp_path, dtype):
 def _set_f32(b, j, v):
     b[4 * j : 4 * j + 4] = np.frombuffer(np.float32(v).tobytes(), np.uint8)
     return b
+
+
+def test_qhuffman_says_why_it_does_not_take_a_codebook_over_4096_entries(tmp_path):
+    w = np.linspace(-1, 1, 40, dtype=np.float32).reshape(5, 8)
+    q = pj.kmeans_quantize({"k": w}, 13, max_iter=1)
+    with pytest.raises(ValueError, match="'k'.*at most 4096 entries.*8192"):
+        save(tmp_path / "h", q, format="qhuffman")
+    save(tmp_path / "r", q, format="qrelative")
+    _assert_same_quantized(load(tmp_path / "r", quantized=True)["k"], q["k"])

@@ -269,3 +269,19 @@ def test_affine_grid_covers_weights_of_one_sign(sign, bits):
     assert 0.0 in cb
     err = np.abs(np.asarray(pj.dequantize(q), np.float64) - w).max()
     assert err <= step / 2 * (1 + 1e-6)
+
+
+@pytest.mark.parametrize("k, err", [(0, ValueError), (-1, ValueError), (2.0, TypeError)])
+def test_kmeans_codebook_refuses_a_bad_k(k, err):
+    with pytest.raises(err, match="k must be"):
+        kmeans_codebook(np.arange(5.0), k)
+
+
+def test_nearest_codes_with_an_unsorted_codebook_names_its_own_entries():
+    cb = np.array([3.0, -1.0, 0.5, 10.0], np.float32)
+    v = np.array([-5.0, 0.4, 2.0, 2.9, 7.0, 11.0, 0.5])
+    codes = nearest_codes(v, cb)
+    assert codes.tolist() == [1, 2, 0, 0, 3, 3, 2]
+    assert np.array_equal(np.abs(v - cb[codes]), np.abs(v[:, None] - cb[None, :]).min(1))
+    with pytest.raises(ValueError, match="codebook"):
+        nearest_codes(v, np.zeros(0))

@@ -221,7 +221,13 @@ def plan_leaf(path: str, q: Quantized, format: str) -> QuantLeaf:
     for c in cands:
         if c.encoding == format:
             return c
-    raise ValueError(f"cannot save leaf {path!r} as {format!r}: the encoding does not apply")
+    k = q.codebook.shape[0]
+    why = {
+        "qdense": "it keeps every entry, and this leaf has pruned ones",
+        "qhuffman": f"it Huffman-codes codebooks of at most {entropy.MAX_ALPHABET} entries, "
+        f"and this one has {k} (use qrelative or qbitmask)",
+    }.get(format, "the encoding does not apply")
+    raise ValueError(f"cannot save leaf {path!r} as {format!r}: {why}")
 
 
 def header_fields(leaf: QuantLeaf) -> dict:
