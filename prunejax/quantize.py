@@ -146,6 +146,21 @@ def _code_dtype(k: int) -> np.dtype:
     return np.dtype(np.uint8 if k <= 256 else np.uint16)
 
 
+def _dequantize_numpy(q: Quantized, dtype: np.dtype, chunk: int = 2**16) -> np.ndarray:
+    """``dequantize_leaf`` of NumPy parts, in chunks: besides the result, memory stays at one
+    chunk's indices (NumPy widens index arrays to ``intp``)."""
+    codes, mask = np.asarray(q.codes), np.asarray(q.mask)
+    with np.errstate(over="ignore"):
+        cb = np.asarray(q.codebook).astype(dtype)
+    out = np.empty(codes.shape, dtype)
+    flat_c, flat_m, flat_o = codes.reshape(-1), mask.reshape(-1), out.reshape(-1)
+    zero = np.zeros((), dtype)
+    for s in range(0, flat_o.size, chunk):
+        e = s + chunk
+        flat_o[s:e] = np.where(flat_m[s:e], cb[flat_c[s:e]], zero)
+    return out
+
+
 def dequantize_leaf(q: Quantized) -> Any:
     """One ``Quantized`` leaf as a plain array (NumPy if its parts are NumPy, else JAX).
 
@@ -158,8 +173,7 @@ def dequantize_leaf(q: Quantized) -> Any:
     """
     dtype = jnp.dtype(q.dtype)
     if not any(is_jax(a) for a in (q.codes, q.codebook, q.mask)):
-        values = np.asarray(q.codebook)[np.asarray(q.codes).astype(np.intp)]
-        return np.where(np.asarray(q.mask), values, np.zeros((), values.dtype)).astype(dtype)
+        return _dequantize_numpy(q, np.dtype(dtype))
     values = jnp.take(jnp.asarray(q.codebook), jnp.asarray(q.codes).astype(jnp.int32), mode="clip")
     return jnp.where(jnp.asarray(q.mask), values, jnp.zeros((), values.dtype)).astype(dtype)
 

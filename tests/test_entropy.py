@@ -188,3 +188,17 @@ def test_packed_reader_matches_the_bit_reader():
     assert np.array_equal(b.bits(5, 2395), np.unpackbits(data)[5:2395])
     assert b.zero_from(2400) and not b.zero_from(2390)
     assert E.BitReader.packed(np.array([0xF0, 0], np.uint8)).zero_from(4)
+
+
+@pytest.mark.parametrize("index_bits", [1, 3, 8])
+def test_relative_mask_matches_the_positions(index_bits):
+    rng = np.random.default_rng(index_bits)
+    size = 3 * 2**16 + 17
+    pos = np.flatnonzero(rng.random(size) < 0.3)
+    syms = E.relative_symbols(pos, index_bits)
+    mask = E.relative_mask(syms, index_bits, size=size, chunk=1000)
+    assert np.array_equal(np.flatnonzero(mask), E.relative_positions(syms, index_bits, size=size))
+    with pytest.raises(FileFormatError, match="past its leaf"):
+        E.relative_mask(syms, index_bits, size=int(pos[-1]))
+    with pytest.raises(FileFormatError, match="malformed"):
+        E.relative_mask(np.append(syms, 2**index_bits - 1), index_bits, size=size)

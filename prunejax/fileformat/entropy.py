@@ -33,6 +33,7 @@ after paying for its frequency tables.
 
 from __future__ import annotations
 
+import array
 import heapq
 
 import numpy as np
@@ -50,6 +51,7 @@ __all__ = [
     "unpack_lengths",
     "relative_symbols",
     "relative_positions",
+    "relative_mask",
     "relative_count",
     "bits_to_bytes",
     "BitReader",
@@ -262,7 +264,7 @@ def decode(
         advances ``s + 1``) and decoding stops with an error as soon as they pass the leaf.
 
     Returns:
-      ``(symbols, next bit)``.
+      ``(symbols, next bit)``, the symbols as ``uint32``.
 
     Raises:
       FileFormatError: a bad table, a stream that runs out or holds a bit pattern that is not
@@ -271,10 +273,10 @@ def decode(
         stream's length and the leaf's size.
     """
     if count == 0:
-        return np.zeros(0, np.int64), start
+        return np.zeros(0, np.uint32), start
     sym, ln = _decode_table(lengths, reader.window)
     n = reader.n
-    out: list[int] = []
+    out = array.array("I")  # four bytes a symbol while decoding
     p, seen, pos = start, 0, 0
     limit = -1 if size is None or stop is None else size
     while seen < count:
@@ -293,7 +295,7 @@ def decode(
                 raise FileFormatError(f"corrupted file: a relative index past its leaf of {size}")
     if p > n:
         raise FileFormatError("corrupted file: a Huffman stream ends early")
-    return np.asarray(out, np.int64), p
+    return np.frombuffer(out, np.uint32), p
 
 
 # ----------------------------------------------------------------------------- relative indices
@@ -356,6 +358,41 @@ def relative_positions(symbols: np.ndarray, index_bits: int, *, size: int) -> np
     if pos[-1] >= size:
         raise FileFormatError("corrupted file: a relative index points past its leaf")
     return pos[~esc]
+
+
+def relative_mask(
+    symbols: np.ndarray, index_bits: int, *, size: int, chunk: int = 2**16
+) -> np.ndarray:
+    """``relative_positions`` as a boolean mask of the leaf, built chunk by chunk (memory: the
+    mask and one chunk, not eight bytes a position).
+
+    Args:
+      symbols: the stream, ending with a kept entry (not an escape), or empty.
+      index_bits: the symbol width.
+      size: the number of entries of the leaf.
+
+    Returns:
+      A flat ``bool`` array of ``size`` entries, True at the kept positions.
+
+    Raises:
+      FileFormatError: as ``relative_positions``.
+    """
+    m = 2**index_bits - 1
+    symbols = np.asarray(symbols).reshape(-1)
+    mask = np.zeros(size, bool)
+    if symbols.size == 0:
+        return mask
+    if symbols[-1] == m or int(symbols.max()) > m or int(symbols.min()) < 0:
+        raise FileFormatError("corrupted file: a relative-index stream is malformed")
+    base = -1
+    for a in range(0, symbols.size, chunk):
+        s = symbols[a : a + chunk].astype(np.int64)
+        pos = base + np.cumsum(np.where(s == m, m, s + 1))
+        base = int(pos[-1])
+        if base >= size:
+            raise FileFormatError("corrupted file: a relative index points past its leaf")
+        mask[pos[s != m]] = True
+    return mask
 
 
 def bits_to_bytes(nbits: int) -> int:

@@ -246,11 +246,13 @@ def _fixed_bits(values: np.ndarray, width: int) -> np.ndarray:
     return ((values[:, None] >> shifts[None, :]) & 1).astype(np.uint8).reshape(-1)
 
 
-def _read_fixed(rd: entropy.BitReader, start: int, count: int, width: int) -> np.ndarray:
-    """``count`` unsigned values of ``width`` bits from bit ``start`` (``uint32``), in chunks."""
+def _read_fixed(
+    rd: entropy.BitReader, start: int, count: int, width: int, dtype: type = np.uint32
+) -> np.ndarray:
+    """``count`` unsigned values of ``width`` bits from bit ``start`` (``dtype``), in chunks."""
     if start + count * width > rd.n:
         raise FileFormatError("a fixed-width stream ends early")
-    out = np.zeros(count, np.uint32)
+    out = np.zeros(count, dtype)
     if width == 0:
         return out
     weights = 1 << np.arange(width - 1, -1, -1, dtype=np.int64)
@@ -319,25 +321,26 @@ def _relative_fixed(
 
 
 def _positions(enc: str, leaf: Mapping, rd: entropy.BitReader, tables: tuple, size: int):
-    """Kept positions and the next bit of the stream."""
+    """The kept entries (a slice, a boolean mask or flat positions: an index into the flat
+    leaf, in C order) and the next bit of the stream."""
     nnz, ib = leaf["nnz"], leaf["index_bits"]
     if enc == "qdense":
         if nnz != size:
             raise FileFormatError("a qdense leaf must keep every entry")
-        return np.arange(size), 0
+        return slice(None), 0
     if enc == "qbitmask":
         if size > rd.n:
             raise FileFormatError("the bitmask ends early")
-        pos = np.flatnonzero(rd.bits(0, size))
-        if pos.size != nnz:
+        pos = rd.bits(0, size).view(bool)
+        if np.count_nonzero(pos) != nnz:
             raise FileFormatError(f"the bitmask does not hold {nnz} bits")
         return pos, size
     if enc == "qrelative":
         syms = _relative_fixed(rd, ib, nnz, size)
-        return entropy.relative_positions(syms, ib, size=size), syms.size * ib
+        return entropy.relative_mask(syms, ib, size=size), syms.size * ib
     else:
         syms, end = entropy.decode(rd, 0, tables[0], count=nnz, stop=2**ib - 1, size=size)
-        return entropy.relative_positions(syms, ib, size=size), end
+        return entropy.relative_mask(syms, ib, size=size), end
 
 
 def _check_entry(leaf: Mapping) -> tuple[int, int, int]:
@@ -416,8 +419,9 @@ def _decode(leaf: Mapping, blob: np.ndarray) -> Quantized:
     if enc == "qhuffman":
         codes, p = entropy.decode(rd, p, tables[1], count=nnz)
     else:
-        codes, p = _read_fixed(rd, p, nnz if enc != "qdense" else size, w), p + nnz * w
-    if codes.size and codes.max() >= k:
+        cdt = np.uint8 if k <= 256 else np.uint16
+        codes, p = _read_fixed(rd, p, nnz, w, cdt), p + nnz * w
+    if codes.size and int(codes.max()) >= k:
         raise FileFormatError("a code points past the codebook")
     if entropy.bits_to_bytes(p) != rd.n // 8 or not rd.zero_from(p):
         raise FileFormatError("the bit stream has trailing data")

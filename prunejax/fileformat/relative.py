@@ -115,11 +115,11 @@ def decode_relative(
         syms, end = entropy.decode(rd, 0, lengths, count=nnz, stop=2**ib - 1, size=size)
         if entropy.bits_to_bytes(end) != rd.n // 8 or not rd.zero_from(end):
             raise FileFormatError("its index stream has trailing data")
-        pos = entropy.relative_positions(syms, ib, size=size)
+        kept = entropy.relative_mask(syms, ib, size=size)
     except FileFormatError as e:
         raise FileFormatError(f"corrupted file: {where}: {e}") from None
     vals = values(arrays["data"])
     if np.any(vals == 0):
         raise FileFormatError(f"corrupted file: {where} stores zeros as nonzero values")
-    out[pos] = vals
+    out[kept] = vals
     return out.reshape(shape)
