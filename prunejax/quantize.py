@@ -59,6 +59,7 @@ import numpy as np
 from prunejax._util import (
     PyTree,
     Where,
+    check_finite,
     check_int,
     check_same_structure,
     flatten,
@@ -145,6 +146,21 @@ def _code_dtype(k: int) -> np.dtype:
     return np.dtype(np.uint8 if k <= 256 else np.uint16)
 
 
+def _dequantize_numpy(q: Quantized, dtype: np.dtype, chunk: int = 2**16) -> np.ndarray:
+    """``dequantize_leaf`` of NumPy parts, in chunks: besides the result, memory stays at one
+    chunk's indices (NumPy widens index arrays to ``intp``)."""
+    codes, mask = np.asarray(q.codes), np.asarray(q.mask)
+    with np.errstate(over="ignore"):
+        cb = np.asarray(q.codebook).astype(dtype)
+    out = np.empty(codes.shape, dtype)
+    flat_c, flat_m, flat_o = codes.reshape(-1), mask.reshape(-1), out.reshape(-1)
+    zero = np.zeros((), dtype)
+    for s in range(0, flat_o.size, chunk):
+        e = s + chunk
+        flat_o[s:e] = np.where(flat_m[s:e], cb[flat_c[s:e]], zero)
+    return out
+
+
 def dequantize_leaf(q: Quantized) -> Any:
     """One ``Quantized`` leaf as a plain array (NumPy if its parts are NumPy, else JAX).
 
@@ -157,8 +173,7 @@ def dequantize_leaf(q: Quantized) -> Any:
     """
     dtype = jnp.dtype(q.dtype)
     if not any(is_jax(a) for a in (q.codes, q.codebook, q.mask)):
-        values = np.asarray(q.codebook)[np.asarray(q.codes).astype(np.intp)]
-        return np.where(np.asarray(q.mask), values, np.zeros((), values.dtype)).astype(dtype)
+        return _dequantize_numpy(q, np.dtype(dtype))
     values = jnp.take(jnp.asarray(q.codebook), jnp.asarray(q.codes).astype(jnp.int32), mode="clip")
     return jnp.where(jnp.asarray(q.mask), values, jnp.zeros((), values.dtype)).astype(dtype)
 
@@ -252,18 +267,26 @@ def codebook_grads(tree: PyTree, grads: PyTree) -> PyTree:
 
 
 def nearest_codes(values: np.ndarray, codebook: np.ndarray) -> np.ndarray:
-    """The index of the nearest codebook entry of every value (ties to the lower entry).
+    """The index of the nearest codebook entry of every value (ties to the smaller centroid).
 
     Args:
       values: the weights (any shape, real).
-      codebook: the centroids, sorted in non-decreasing order.
+      codebook: the centroids (1-D, non-empty, any order: an unsorted codebook is searched in
+        sorted order and the codes name its own entries).
 
     Returns:
       Codes of ``values``' shape, ``uint8`` or ``uint16`` by the codebook's size.
+
+    Raises:
+      ValueError: an empty or not 1-D codebook.
     """
     cb = np.asarray(codebook, np.float64)
-    mids = (cb[:-1] + cb[1:]) / 2
-    codes = np.searchsorted(mids, np.asarray(values, np.float64), side="left")
+    if cb.ndim != 1 or cb.size == 0:
+        raise ValueError(f"codebook must be a non-empty 1-D array, got shape {cb.shape}")
+    order = np.argsort(cb, kind="stable")
+    sorted_cb = cb[order]
+    mids = (sorted_cb[:-1] + sorted_cb[1:]) / 2
+    codes = order[np.searchsorted(mids, np.asarray(values, np.float64), side="left")]
     return codes.astype(_code_dtype(cb.size))
 
 
@@ -282,7 +305,12 @@ def kmeans_codebook(values: np.ndarray, k: int, *, max_iter: int = 300) -> np.nd
 
     Returns:
       ``k`` sorted ``float32`` centroids (all ``0`` when ``values`` is empty).
+
+    Raises:
+      TypeError, ValueError: ``k`` or ``max_iter`` not an int of at least 1.
     """
+    k = check_int(k, name="k", minimum=1)
+    max_iter = check_int(max_iter, name="max_iter", minimum=1)
     x = np.sort(np.asarray(values, np.float64).reshape(-1))
     if x.size == 0:
         return np.zeros(k, np.float32)
@@ -323,6 +351,8 @@ def _selected_leaves(
     for p, leaf, b in zip(paths, leaves, per_leaf, strict=True):
         if b is not None and np.asarray(leaf).dtype.kind != "f" and str(leaf.dtype) != "bfloat16":
             raise TypeError(f"cannot quantize leaf {p!r} of dtype {leaf.dtype}: not a float")
+        if b is not None:
+            check_finite(p, leaf)
     return paths, leaves, mleaves, per_leaf, treedef
 
 
@@ -372,7 +402,8 @@ def kmeans_quantize(
 
     Raises:
       TypeError: a traced or non-float leaf, non-boolean masks, params already quantized.
-      ValueError: bad ``bits`` (naming the leaf), masks that do not match.
+      ValueError: bad ``bits`` (naming the leaf), a NaN/inf weight in a selected leaf (naming
+        it), masks that do not match.
     """
     check_int(max_iter, name="max_iter", minimum=1)
     _, leaves, mleaves, per_leaf, treedef = _selected_leaves(params, bits, masks, where, 1)
@@ -396,6 +427,7 @@ def _uniform_codebook(values: np.ndarray, bits: int, symmetric: bool) -> np.ndar
         zero_point = k // 2
         scale = max(abs(lo), abs(hi)) / (k // 2 - 1)
     else:
+        lo, hi = min(lo, 0.0), max(hi, 0.0)  # 0 on the grid and every weight inside it
         span = hi - lo
         scale = (span if span > 0 else (abs(lo) or 1.0)) / (k - 1)
         zero_point = int(np.clip(np.round(-lo / scale), 0, k - 1))
@@ -416,7 +448,8 @@ def uniform_quantize(
     The codebook is the integer grid ``scale * (j - zero_point)``, ``j = 0 .. 2**b - 1``:
     symmetric (``zero_point = 2**(b-1)``, ``scale = max|w| / (2**(b-1) - 1)``, the ``int8``
     range ``-127..127`` for ``b = 8``, as in Jacob et al. 2018's weight quantization) or affine
-    (``scale = (max - min) / (2**b - 1)``, integer ``zero_point``, so ``0`` is on the grid).
+    (``scale = (max - min) / (2**b - 1)`` over ``[min(min, 0), max(max, 0)]``, integer
+    ``zero_point``, so ``0`` is on the grid and every weight within half a step of it).
     Each kept weight takes the nearest grid point.
 
     Args:

@@ -157,3 +157,48 @@ def test_escape_aware_decoding_stops_after_count_kept_entries():
     bits = np.concatenate([E.encode(symbols, lengths), np.zeros(9, np.uint8)])
     out, end = E.decode(E.BitReader(bits), 0, lengths, count=3, stop=3)
     assert np.array_equal(out, symbols) and end == bits.size - 9
+
+
+def test_relative_decoding_stops_as_soon_as_the_indices_pass_the_leaf():
+    """A stream of escapes longer than the leaf: the decoder refuses it inside the first chunk
+    (work bounded by the leaf), where without ``size`` it reads to the end of the stream."""
+    lengths = np.array([1, 1], np.uint8)  # index_bits=1: symbol 1 is the escape
+    bits = np.ones(4 * E.BitReader.CHUNK, np.uint8)
+    rd = E.BitReader(bits)
+    with pytest.raises(FileFormatError, match="relative index past its leaf of 5"):
+        E.decode(rd, 0, lengths, count=1, stop=1, size=5)
+    assert rd._chunk == 0
+    with pytest.raises(FileFormatError, match="ends early"):
+        E.decode(E.BitReader(bits), 0, lengths, count=1, stop=1)
+    # a valid stream ending exactly at the leaf's last entry decodes
+    out, end = E.decode(
+        E.BitReader(np.array([1, 1, 0], np.uint8)), 0, lengths, count=1, stop=1, size=3
+    )
+    assert out.tolist() == [1, 1, 0] and end == 3
+    assert E.relative_positions(out, 1, size=3).tolist() == [2]
+
+
+def test_packed_reader_matches_the_bit_reader():
+    rng = np.random.default_rng(0)
+    data = rng.integers(0, 256, size=300, dtype=np.uint8)
+    a, b = E.BitReader(np.unpackbits(data)), E.BitReader.packed(data)
+    assert a.n == b.n == 2400
+    for p in (0, 7, 8, 1000, 2399):
+        assert a.at(p) == b.at(p)
+    assert np.array_equal(b.bits(5, 2395), np.unpackbits(data)[5:2395])
+    assert b.zero_from(2400) and not b.zero_from(2390)
+    assert E.BitReader.packed(np.array([0xF0, 0], np.uint8)).zero_from(4)
+
+
+@pytest.mark.parametrize("index_bits", [1, 3, 8])
+def test_relative_mask_matches_the_positions(index_bits):
+    rng = np.random.default_rng(index_bits)
+    size = 3 * 2**16 + 17
+    pos = np.flatnonzero(rng.random(size) < 0.3)
+    syms = E.relative_symbols(pos, index_bits)
+    mask = E.relative_mask(syms, index_bits, size=size, chunk=1000)
+    assert np.array_equal(np.flatnonzero(mask), E.relative_positions(syms, index_bits, size=size))
+    with pytest.raises(FileFormatError, match="past its leaf"):
+        E.relative_mask(syms, index_bits, size=int(pos[-1]))
+    with pytest.raises(FileFormatError, match="malformed"):
+        E.relative_mask(np.append(syms, 2**index_bits - 1), index_bits, size=size)

@@ -117,3 +117,46 @@ def test_corrupted_relative_leaf_raises(tmp_path, edit):
     _rewrite(f, header_fn=header, member_fn=members)
     with pytest.raises(FileFormatError):
         load(f)
+
+
+def test_a_long_stream_of_escapes_is_refused_at_the_end_of_its_leaf(tmp_path):
+    """A leaf of one entry whose index stream is 64 KiB of escapes: decoding stops as soon as
+    the relative indices pass the leaf, not at the end of the stream."""
+    f = tmp_path / "r"
+    save(f, {"k": _sparse((50, 40), 0.05, seed=2)}, format="relative")
+    # symbols 0 and 1 (the escape for index_bits=1) of one bit each, then all escapes
+    blob = np.concatenate([np.array([0x11], np.uint8), np.full(2**16, 0xFF, np.uint8)])
+
+    def header_fn(h):
+        h["leaves"][0].update(shape=[1, 1], nnz=1, index_bits=1, blob=int(blob.size))
+
+    def member_fn(m):
+        m["0.indices"] = blob
+        m["0.data"] = np.ones(1, np.float32)
+
+    _rewrite(f, header_fn=header_fn, member_fn=member_fn)
+    with pytest.raises(FileFormatError, match="relative index past its leaf of 1"):
+        load(f)
+
+
+@pytest.mark.parametrize("fmt", ["relative", "qbitmask"])
+def test_version_1_files_do_not_accept_the_version_2_encodings(tmp_path, fmt):
+    """A legacy (version-1) ZIP file whose leaf claims an encoding only version 2 defines is
+    refused, even when its members are consistent with that encoding."""
+    from craft_files import checksum, header_bytes, npy_bytes, write_zip
+
+    w = _sparse((20, 10), 0.1, seed=1)
+    params = pj.kmeans_quantize({"k": w}, 2) if fmt.startswith("q") else {"k": w}
+    f2 = tmp_path / "v2"
+    save(f2, params, format=fmt)
+    with safetensors.safe_open(f2, framework="np") as st_:
+        header = json.loads(st_.metadata()["prunejax"])
+        members = [(k, npy_bytes(st_.get_tensor(k))) for k in st_.keys()]
+    assert header["leaves"][0]["encoding"] == fmt
+    header = {k: v for k, v in header.items() if k != "checksum"}
+    header["format_version"] = 1
+    header["checksum"] = checksum(header, members)
+    f1 = tmp_path / "v1.pjz"
+    write_zip(f1, header_bytes(header), members)
+    with pytest.raises(FileFormatError, match=f"unknown encoding '{fmt}' for format version 1"):
+        load(f1)

@@ -239,3 +239,49 @@ def test_the_module_docstring_example_runs():
         k.mask, masks["Dense_0"]["kernel"]
     )
     assert not np.array_equal(np.asarray(k.codebook), fresh.codebook)  # the centroids trained
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
+@pytest.mark.parametrize("quantize", [pj.kmeans_quantize, pj.uniform_quantize])
+def test_non_finite_weights_are_refused_naming_the_leaf(bad, quantize):
+    params = _mlp()
+    params["Dense_1"]["kernel"][2, 3] = bad
+    with pytest.raises(ValueError, match="'Dense_1/kernel'.*non-finite"):
+        quantize(params, 3)
+    with pytest.raises(ValueError, match="'Dense_1/kernel'.*non-finite"):
+        quantize({"Dense_1": {"kernel": jnp.asarray(params["Dense_1"]["kernel"])}}, 3)
+    # a leaf that is not selected is left alone
+    out = quantize(params, {"Dense_0": 3})
+    assert np.isnan(out["Dense_1"]["kernel"][2, 3]) or np.isinf(out["Dense_1"]["kernel"][2, 3])
+
+
+@pytest.mark.parametrize("sign", [1.0, -1.0])
+@pytest.mark.parametrize("bits", [1, 2, 4])
+def test_affine_grid_covers_weights_of_one_sign(sign, bits):
+    """Affine quantization of weights all in [10, 11] (or [-11, -10]): the grid spans
+    [min(lo, 0), max(hi, 0)], so every kept weight is within half a step of a grid point and
+    0 is a grid point."""
+    rng = np.random.default_rng(0)
+    w = (sign * (10 + rng.random((8, 8)))).astype(np.float32)
+    q = pj.uniform_quantize({"k": w}, bits, symmetric=False)["k"]
+    cb = np.asarray(q.codebook, np.float64)
+    step = cb[1] - cb[0]
+    assert 0.0 in cb
+    err = np.abs(np.asarray(pj.dequantize(q), np.float64) - w).max()
+    assert err <= step / 2 * (1 + 1e-6)
+
+
+@pytest.mark.parametrize("k, err", [(0, ValueError), (-1, ValueError), (2.0, TypeError)])
+def test_kmeans_codebook_refuses_a_bad_k(k, err):
+    with pytest.raises(err, match="k must be"):
+        kmeans_codebook(np.arange(5.0), k)
+
+
+def test_nearest_codes_with_an_unsorted_codebook_names_its_own_entries():
+    cb = np.array([3.0, -1.0, 0.5, 10.0], np.float32)
+    v = np.array([-5.0, 0.4, 2.0, 2.9, 7.0, 11.0, 0.5])
+    codes = nearest_codes(v, cb)
+    assert codes.tolist() == [1, 2, 0, 0, 3, 3, 2]
+    assert np.array_equal(np.abs(v - cb[codes]), np.abs(v[:, None] - cb[None, :]).min(1))
+    with pytest.raises(ValueError, match="codebook"):
+        nearest_codes(v, np.zeros(0))

@@ -98,9 +98,11 @@ first: a FIFO, directory or device raises at once).  Before anything is decoded,
 is bounded, JSON is parsed with bounded size and nesting depth (measured before parsing) and
 duplicate keys are refused, the magic, version and checksum are verified, the safetensors offsets
 are validated by the safetensors library, and every member's shape and dtype must be what the
-prunejax header implies.  A quantized blob is decoded with work bounded by its own length (every
-Huffman symbol consumes a bit; nothing is allocated beyond the declared leaf) and refused unless
-it decodes to exactly ``nnz`` kept entries inside the leaf, codes inside the codebook, finite
+prunejax header implies.  A quantized blob or relative index stream is decoded with work
+bounded by the declared leaf, whatever the blob's length: it is unpacked chunk by chunk, and every
+relative index symbol advances at least one entry, so decoding stops with an error as soon as the
+indices pass the leaf (nothing is allocated beyond the declared leaf and one chunk); it is refused
+unless it decodes to exactly ``nnz`` kept entries inside the leaf, codes inside the codebook, finite
 centroids and zero padding.  Declared shapes are then checked against ``max_bytes``/``max_elements``
 (after ``expand``), so a small file cannot make ``load`` allocate more than the caller allows
 (default 64 MiB, or 256 times the file size for files over 256 KiB).  Index arrays are
@@ -131,10 +133,19 @@ import math
 import os
 from collections.abc import Callable
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 
-from prunejax._util import PyTree, flatten, read_regular_file, rewrap_record, unwrap
+from prunejax._util import (
+    PyTree,
+    Unwrapped,
+    flatten,
+    path_str,
+    read_regular_file,
+    rewrap_record,
+    unwrap,
+)
 from prunejax.fileformat import compaction, container, legacy
 from prunejax.fileformat.container import EXTENSION
 from prunejax.fileformat.dtypes import DTYPES
@@ -143,7 +154,7 @@ from prunejax.fileformat.errors import FileFormatError
 from prunejax.fileformat.header import header_members
 from prunejax.fileformat.plan import FORMATS, Plan, plan_tree
 from prunejax.fileformat.structure import rebuild_structure
-from prunejax.quantize import Quantized
+from prunejax.quantize import Quantized, is_quantized
 
 __all__ = [
     "DEFAULT_MIN_BYTES",
@@ -179,7 +190,8 @@ def save(
       params: any pytree of arrays made of dicts, Flax ``FrozenDict``s, lists, tuples and
         ``None`` (Flax params, Keras ``get_weights()`` lists, ...), a Flax NNX ``nnx.State`` or
         an Equinox module (its arrays; ``prunejax._util.unwrap``).  Sparse kernel objects are
-        saved densified, ``prunejax.quantize.Quantized`` leaves as codes and codebook.  Pruned
+        saved densified, ``prunejax.quantize.Quantized`` leaves as codes and codebook (in a
+        plain tree, not in an ``(out, in)`` position: quantize the ``(in, out)`` tree).  Pruned
         weights are exact zeros, or pass ``masks`` (not with quantized leaves, which hold theirs).
       format: ``"dense"``; ``"bitmask"``, ``"csr"`` or ``"bcoo"`` (for leaves with ``ndim >= 2``;
         other leaves are dense); ``"compact"`` (dead units removed, see ``prunejax.compact``;
@@ -198,7 +210,8 @@ def save(
 
     Raises:
       ValueError: unknown format, a NaN/inf weight (the message names the leaf), masks that do
-        not match, ``"compact"`` without ``activation`` or on params that are not an MLP.
+        not match, ``"compact"`` without ``activation`` or on params that are not an MLP, a
+        ``Quantized`` leaf in an ``nnx.State``, Equinox module or ``layout="out_in"`` kernel.
       TypeError: an unsupported container, dict key or dtype, or traced leaves.
     """
     plan = plan_container(params, format=format, masks=masks, activation=activation, layout=layout)
@@ -241,11 +254,34 @@ def plan_container(
       The ``Plan``.
     """
     u = unwrap(params, layout=layout)
+    _refuse_wrapped_quantized(params, u)
     mtree = None if masks is None else unwrap(masks, layout=layout).tree
     plan = plan_tree(u.tree, format=format, masks=mtree, activation=activation)
     if u.record is not None:
         plan.header["container"] = u.record
     return plan
+
+
+def _refuse_wrapped_quantized(params: PyTree, u: Unwrapped) -> None:
+    """Refuse ``Quantized`` leaves the container layer would take apart: any in an
+    ``nnx.State`` or Equinox module, and any in an ``(out, in)`` position of a plain tree
+    (``layout="out_in"``), whose codes and mask would be transposed as separate arrays.
+
+    Raises:
+      ValueError: naming the first such leaf.
+    """
+    flat = jax.tree_util.tree_flatten_with_path(params, is_leaf=is_quantized)[0]
+    qpaths = [path_str(kp) for kp, leaf in flat if is_quantized(leaf)]
+    for p in qpaths:
+        if u.kind != "tree" or any(o == p or o.startswith(p + "/") for o in u.out_in):
+            where = {"nnx.State": "an nnx.State", "equinox": "an Equinox module"}.get(
+                u.kind, "an (out, in) position (layout='out_in')"
+            )
+            raise ValueError(
+                f"cannot save Quantized leaf {p!r} in {where}: quantized leaves are saved only "
+                "as (in, out) kernels of a plain tree; quantize the unwrapped (in, out) tree, "
+                "or dequantize first"
+            )
 
 
 def _read(path: str | os.PathLike) -> tuple[dict, dict[str, np.ndarray], int]:

@@ -33,6 +33,7 @@ after paying for its frequency tables.
 
 from __future__ import annotations
 
+import array
 import heapq
 
 import numpy as np
@@ -50,6 +51,7 @@ __all__ = [
     "unpack_lengths",
     "relative_symbols",
     "relative_positions",
+    "relative_mask",
     "relative_count",
     "bits_to_bytes",
     "BitReader",
@@ -165,22 +167,52 @@ def unpack_lengths(table: np.ndarray, n: int) -> np.ndarray:
 
 
 class BitReader:
-    """A bit stream (``uint8`` 0/1 per bit) read through ``window``-bit lookups, in chunks."""
+    """A bit stream read through ``window``-bit lookups, in chunks.
+
+    The stream is held packed (eight bits a byte, most significant first) and unpacked one
+    chunk at a time, so reading a prefix of a long stream costs the prefix, not the stream.
+    """
 
     CHUNK = 2**16
 
     def __init__(self, bits: np.ndarray, window: int = MAX_CODE_LENGTH) -> None:
-        self.bits = np.asarray(bits, np.uint8).reshape(-1)
-        self.n = int(self.bits.size)
-        self.window = window
+        """A reader of ``bits`` (``uint8`` 0/1, one per bit)."""
+        bits = np.asarray(bits, np.uint8).reshape(-1)
+        self._init(np.packbits(bits), int(bits.size), window)
+
+    @classmethod
+    def packed(cls, data: np.ndarray, window: int = MAX_CODE_LENGTH) -> BitReader:
+        """A reader of the ``8 * data.size`` bits of the bytes ``data`` (not copied)."""
+        rd = cls.__new__(cls)
+        data = np.asarray(data, np.uint8).reshape(-1)
+        rd._init(data, 8 * int(data.size), window)
+        return rd
+
+    def _init(self, data: np.ndarray, n: int, window: int) -> None:
+        self.data, self.n, self.window = data, n, window
         self._chunk = -1
         self._windows: list[int] = []
+
+    def bits(self, start: int, stop: int) -> np.ndarray:
+        """Bits ``start`` to ``stop`` (clipped to the stream) as ``uint8`` 0/1."""
+        stop = min(stop, self.n)
+        if stop <= start:
+            return np.zeros(0, np.uint8)
+        seg = np.unpackbits(self.data[start // 8 : (stop + 7) // 8])
+        return seg[start % 8 : start % 8 + stop - start]
+
+    def zero_from(self, p: int) -> bool:
+        """Whether every bit from bit ``p`` on is zero."""
+        if p >= self.n:
+            return True
+        head = int(self.data[p // 8]) & (0xFF >> (p % 8))
+        return head == 0 and not self.data[p // 8 + 1 :].any()
 
     def at(self, p: int) -> int:
         """The ``window`` bits from bit ``p`` as an integer (zeros past the end)."""
         c = p // self.CHUNK
         if c != self._chunk:
-            seg = self.bits[c * self.CHUNK : (c + 1) * self.CHUNK + self.window]
+            seg = self.bits(c * self.CHUNK, (c + 1) * self.CHUNK + self.window)
             seg = np.concatenate([seg, np.zeros(self.window, np.uint8)]).astype(np.int64)
             w = np.zeros(min(self.CHUNK, seg.size - self.window), np.int64)
             for j in range(self.window):
@@ -209,7 +241,13 @@ def _decode_table(lengths: np.ndarray, width: int) -> tuple[list[int], list[int]
 
 
 def decode(
-    reader: BitReader, start: int, lengths: np.ndarray, *, count: int, stop: int | None = None
+    reader: BitReader,
+    start: int,
+    lengths: np.ndarray,
+    *,
+    count: int,
+    stop: int | None = None,
+    size: int | None = None,
 ) -> tuple[np.ndarray, int]:
     """Decode Huffman symbols from ``reader`` at bit ``start``.
 
@@ -221,21 +259,26 @@ def decode(
       count: decode exactly ``count`` symbols; or, with ``stop``, until ``count`` symbols other
         than ``stop`` have been decoded.
       stop: the escape symbol (``None``: plain count).
+      size: with ``stop``, the leaf's number of entries: the symbols are relative indices (see
+        ``relative_symbols``; an escape advances ``stop`` entries, any other symbol ``s``
+        advances ``s + 1``) and decoding stops with an error as soon as they pass the leaf.
 
     Returns:
-      ``(symbols, next bit)``.
+      ``(symbols, next bit)``, the symbols as ``uint32``.
 
     Raises:
-      FileFormatError: a bad table, or a stream that runs out or holds a bit pattern that is not
-        a code.  Every decoded symbol consumes at least one bit, so the work is bounded by the
-        stream's length.
+      FileFormatError: a bad table, a stream that runs out or holds a bit pattern that is not
+        a code, or relative indices past the leaf.  Every decoded symbol consumes at least one
+        bit and (with ``size``) advances at least one entry, so the work is bounded by both the
+        stream's length and the leaf's size.
     """
     if count == 0:
-        return np.zeros(0, np.int64), start
+        return np.zeros(0, np.uint32), start
     sym, ln = _decode_table(lengths, reader.window)
     n = reader.n
-    out: list[int] = []
-    p, seen = start, 0
+    out = array.array("I")  # four bytes a symbol while decoding
+    p, seen, pos = start, 0, 0
+    limit = -1 if size is None or stop is None else size
     while seen < count:
         if p >= n:
             raise FileFormatError("corrupted file: a Huffman stream ends early")
@@ -246,9 +289,13 @@ def decode(
         out.append(s)
         p += ln[w]
         seen += s != stop
+        if limit >= 0:
+            pos += stop if s == stop else s + 1
+            if pos > limit:
+                raise FileFormatError(f"corrupted file: a relative index past its leaf of {size}")
     if p > n:
         raise FileFormatError("corrupted file: a Huffman stream ends early")
-    return np.asarray(out, np.int64), p
+    return np.frombuffer(out, np.uint32), p
 
 
 # ----------------------------------------------------------------------------- relative indices
@@ -311,6 +358,41 @@ def relative_positions(symbols: np.ndarray, index_bits: int, *, size: int) -> np
     if pos[-1] >= size:
         raise FileFormatError("corrupted file: a relative index points past its leaf")
     return pos[~esc]
+
+
+def relative_mask(
+    symbols: np.ndarray, index_bits: int, *, size: int, chunk: int = 2**16
+) -> np.ndarray:
+    """``relative_positions`` as a boolean mask of the leaf, built chunk by chunk (memory: the
+    mask and one chunk, not eight bytes a position).
+
+    Args:
+      symbols: the stream, ending with a kept entry (not an escape), or empty.
+      index_bits: the symbol width.
+      size: the number of entries of the leaf.
+
+    Returns:
+      A flat ``bool`` array of ``size`` entries, True at the kept positions.
+
+    Raises:
+      FileFormatError: as ``relative_positions``.
+    """
+    m = 2**index_bits - 1
+    symbols = np.asarray(symbols).reshape(-1)
+    mask = np.zeros(size, bool)
+    if symbols.size == 0:
+        return mask
+    if symbols[-1] == m or int(symbols.max()) > m or int(symbols.min()) < 0:
+        raise FileFormatError("corrupted file: a relative-index stream is malformed")
+    base = -1
+    for a in range(0, symbols.size, chunk):
+        s = symbols[a : a + chunk].astype(np.int64)
+        pos = base + np.cumsum(np.where(s == m, m, s + 1))
+        base = int(pos[-1])
+        if base >= size:
+            raise FileFormatError("corrupted file: a relative index points past its leaf")
+        mask[pos[s != m]] = True
+    return mask
 
 
 def bits_to_bytes(nbits: int) -> int:

@@ -9,9 +9,9 @@ import numpy as np
 
 from prunejax._version import __version__
 from prunejax.fileformat.compaction import kept_members
-from prunejax.fileformat.container import FORMAT_VERSION, MAGIC
+from prunejax.fileformat.container import FORMAT_VERSION, LEGACY_VERSION, MAGIC
 from prunejax.fileformat.dtypes import DTYPES, dtype_name
-from prunejax.fileformat.encodings import ALL_ENCODINGS, leaf_members
+from prunejax.fileformat.encodings import ALL_ENCODINGS, ENCODINGS, leaf_members
 from prunejax.fileformat.quantized import QUANT_ENCODINGS, check_entry
 from prunejax.fileformat.relative import check_relative_entry
 
@@ -83,12 +83,13 @@ def _is_int(x: object) -> bool:
     return isinstance(x, int) and not isinstance(x, bool)
 
 
-def check_leaf_entry(i: int, leaf: object) -> tuple[int, ...]:
+def check_leaf_entry(i: int, leaf: object, *, version: int = FORMAT_VERSION) -> tuple[int, ...]:
     """Validate one leaf entry of a header (types and ranges only).
 
     Args:
       i: the leaf's index.
       leaf: its header entry.
+      version: the file's format version (version 1 knows only the plain ``ENCODINGS``).
 
     Returns:
       The leaf's shape.
@@ -113,8 +114,11 @@ def check_leaf_entry(i: int, leaf: object) -> tuple[int, ...]:
             raise ValueError(f"{name} has a bad {key} {leaf.get(key)!r}")
     if leaf.get("dtype") not in DTYPES:
         raise ValueError(f"{name} has an unknown dtype {leaf.get('dtype')!r}")
-    if leaf.get("encoding") not in ALL_ENCODINGS:
-        raise ValueError(f"{name} has an unknown encoding {leaf.get('encoding')!r}")
+    known = ENCODINGS if version == LEGACY_VERSION else ALL_ENCODINGS
+    if leaf.get("encoding") not in known:
+        raise ValueError(
+            f"{name} has an unknown encoding {leaf.get('encoding')!r} for format version {version}"
+        )
     if leaf.get("array") not in ("numpy", "jax"):
         raise ValueError(f"{name} has a bad array kind {leaf.get('array')!r}")
     nnz = leaf.get("nnz")
@@ -149,7 +153,7 @@ def header_members(
         raise ValueError("the header has no leaf list")
     out = []
     for i, leaf in enumerate(leaves):
-        shape = check_leaf_entry(i, leaf)
+        shape = check_leaf_entry(i, leaf, version=version)
         out += leaf_members(
             i,
             leaf["encoding"],

@@ -127,6 +127,10 @@ def as_numpy(path: str, q: Quantized) -> Quantized:
         raise ValueError(f"cannot save leaf {path!r}: codes/mask of bad shape or dtype")
     if not np.isfinite(cb.astype(np.float32)).all():
         raise ValueError(f"cannot save leaf {path!r}: its codebook holds NaN or inf")
+    if not _finite_as(cb, q.dtype):
+        raise ValueError(
+            f"cannot save leaf {path!r}: its codebook overflows its dtype {jnp.dtype(q.dtype)}"
+        )
     if codes[mask].size and (codes[mask].min() < 0 or codes[mask].max() >= k):
         raise ValueError(f"cannot save leaf {path!r}: a code points past its codebook of {k}")
     if jnp.dtype(q.dtype).kind != "f" and q.dtype != "bfloat16":
@@ -139,6 +143,16 @@ def as_numpy(path: str, q: Quantized) -> Quantized:
         dtype=str(jnp.dtype(q.dtype)),
         kind=str(q.kind),
     )
+
+
+def _finite_as(codebook: np.ndarray, dtype: object) -> bool:
+    """Whether every centroid stays finite when cast to the leaf's ``dtype``."""
+    try:
+        with np.errstate(over="ignore"):
+            cast = np.asarray(codebook, np.float32).astype(np.dtype(jnp.dtype(dtype)))
+    except TypeError:
+        return True  # not a float dtype: refused elsewhere
+    return bool(np.isfinite(cast.astype(np.float32)).all())
 
 
 def _width(k: int) -> int:
@@ -207,7 +221,13 @@ def plan_leaf(path: str, q: Quantized, format: str) -> QuantLeaf:
     for c in cands:
         if c.encoding == format:
             return c
-    raise ValueError(f"cannot save leaf {path!r} as {format!r}: the encoding does not apply")
+    k = q.codebook.shape[0]
+    why = {
+        "qdense": "it keeps every entry, and this leaf has pruned ones",
+        "qhuffman": f"it Huffman-codes codebooks of at most {entropy.MAX_ALPHABET} entries, "
+        f"and this one has {k} (use qrelative or qbitmask)",
+    }.get(format, "the encoding does not apply")
+    raise ValueError(f"cannot save leaf {path!r} as {format!r}: {why}")
 
 
 def header_fields(leaf: QuantLeaf) -> dict:
@@ -226,18 +246,20 @@ def _fixed_bits(values: np.ndarray, width: int) -> np.ndarray:
     return ((values[:, None] >> shifts[None, :]) & 1).astype(np.uint8).reshape(-1)
 
 
-def _read_fixed(bits: np.ndarray, start: int, count: int, width: int) -> np.ndarray:
-    """``count`` unsigned values of ``width`` bits from bit ``start`` (``uint32``), in chunks."""
-    if start + count * width > bits.size:
+def _read_fixed(
+    rd: entropy.BitReader, start: int, count: int, width: int, dtype: type = np.uint32
+) -> np.ndarray:
+    """``count`` unsigned values of ``width`` bits from bit ``start`` (``dtype``), in chunks."""
+    if start + count * width > rd.n:
         raise FileFormatError("a fixed-width stream ends early")
-    out = np.zeros(count, np.uint32)
+    out = np.zeros(count, dtype)
     if width == 0:
         return out
     weights = 1 << np.arange(width - 1, -1, -1, dtype=np.int64)
     step = 2**16
     for c in range(0, count, step):
         n = min(step, count - c)
-        seg = bits[start + c * width : start + (c + n) * width].reshape(n, width)
+        seg = rd.bits(start + c * width, start + (c + n) * width).reshape(n, width)
         out[c : c + n] = seg.astype(np.int64) @ weights
     return out
 
@@ -269,20 +291,29 @@ def encode_leaf(leaf: QuantLeaf) -> np.ndarray:
     return blob
 
 
-def _relative_fixed(bits: np.ndarray, ib: int, nnz: int, chunk: int = 2**16) -> np.ndarray:
-    """The fixed-width relative-index symbols up to the ``nnz``-th kept entry, read in chunks
-    (memory bounded by the stream and the chunk, whatever the header claims)."""
+def _relative_fixed(
+    rd: entropy.BitReader, ib: int, nnz: int, size: int, chunk: int = 2**16
+) -> np.ndarray:
+    """The fixed-width relative-index symbols up to the ``nnz``-th kept entry, read in chunks.
+
+    Every symbol advances at least one entry, so reading stops with an error once the indices
+    pass the leaf's ``size``: work and memory stay bounded by the leaf and the chunk, whatever
+    the blob's length.
+    """
     m = 2**ib - 1
     out: list[np.ndarray] = []
-    start, seen = 0, 0
+    start, seen, pos = 0, 0, 0
     while seen < nnz:
-        count = min(chunk, (bits.size - start) // ib)
+        count = min(chunk, (rd.n - start) // ib)
         if count <= 0:
             raise FileFormatError("the relative-index stream ends early")
-        syms = _read_fixed(bits, start, count, ib).astype(np.uint16)
+        syms = _read_fixed(rd, start, count, ib).astype(np.uint16)
         kept = np.flatnonzero(syms != m)
         if seen + kept.size >= nnz:
             syms = syms[: int(kept[nnz - seen - 1]) + 1]
+        pos += int(np.where(syms == m, m, syms.astype(np.int64) + 1).sum())
+        if pos > size:
+            raise FileFormatError(f"a relative index past its leaf of {size}")
         out.append(syms)
         seen += min(kept.size, nnz - seen)
         start += count * ib
@@ -290,25 +321,26 @@ def _relative_fixed(bits: np.ndarray, ib: int, nnz: int, chunk: int = 2**16) -> 
 
 
 def _positions(enc: str, leaf: Mapping, rd: entropy.BitReader, tables: tuple, size: int):
-    """Kept positions and the next bit of the stream."""
+    """The kept entries (a slice, a boolean mask or flat positions: an index into the flat
+    leaf, in C order) and the next bit of the stream."""
     nnz, ib = leaf["nnz"], leaf["index_bits"]
     if enc == "qdense":
         if nnz != size:
             raise FileFormatError("a qdense leaf must keep every entry")
-        return np.arange(size), 0
+        return slice(None), 0
     if enc == "qbitmask":
         if size > rd.n:
             raise FileFormatError("the bitmask ends early")
-        pos = np.flatnonzero(rd.bits[:size])
-        if pos.size != nnz:
+        pos = rd.bits(0, size).view(bool)
+        if np.count_nonzero(pos) != nnz:
             raise FileFormatError(f"the bitmask does not hold {nnz} bits")
         return pos, size
     if enc == "qrelative":
-        syms = _relative_fixed(rd.bits, ib, nnz)
-        return entropy.relative_positions(syms, ib, size=size), syms.size * ib
+        syms = _relative_fixed(rd, ib, nnz, size)
+        return entropy.relative_mask(syms, ib, size=size), syms.size * ib
     else:
-        syms, end = entropy.decode(rd, 0, tables[0], count=nnz, stop=2**ib - 1)
-        return entropy.relative_positions(syms, ib, size=size), end
+        syms, end = entropy.decode(rd, 0, tables[0], count=nnz, stop=2**ib - 1, size=size)
+        return entropy.relative_mask(syms, ib, size=size), end
 
 
 def _check_entry(leaf: Mapping) -> tuple[int, int, int]:
@@ -370,6 +402,8 @@ def _decode(leaf: Mapping, blob: np.ndarray) -> Quantized:
     codebook = blob[:off].view("<f4").astype(np.float32)
     if not np.isfinite(codebook).all():
         raise FileFormatError("its codebook holds NaN or inf")
+    if not _finite_as(codebook, leaf["dtype"]):
+        raise FileFormatError(f"its codebook overflows its dtype {leaf['dtype']}")
     tables: tuple = ()
     if enc == "qhuffman":
         ni, nc = _half(2**ib), _half(k)
@@ -380,15 +414,16 @@ def _decode(leaf: Mapping, blob: np.ndarray) -> Quantized:
             entropy.unpack_lengths(blob[off + ni : off + ni + nc], k),
         )
         off += ni + nc
-    rd = entropy.BitReader(np.unpackbits(blob[off:]))
+    rd = entropy.BitReader.packed(blob[off:])
     pos, p = _positions(enc, leaf, rd, tables, size)
     if enc == "qhuffman":
         codes, p = entropy.decode(rd, p, tables[1], count=nnz)
     else:
-        codes, p = _read_fixed(rd.bits, p, nnz if enc != "qdense" else size, w), p + nnz * w
-    if codes.size and codes.max() >= k:
+        cdt = np.uint8 if k <= 256 else np.uint16
+        codes, p = _read_fixed(rd, p, nnz, w, cdt), p + nnz * w
+    if codes.size and int(codes.max()) >= k:
         raise FileFormatError("a code points past the codebook")
-    if entropy.bits_to_bytes(p) != rd.n // 8 or rd.bits[p:].any():
+    if entropy.bits_to_bytes(p) != rd.n // 8 or not rd.zero_from(p):
         raise FileFormatError("the bit stream has trailing data")
     full = np.zeros(size, np.uint8 if k <= 256 else np.uint16)
     mask = np.zeros(size, bool)

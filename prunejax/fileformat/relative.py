@@ -110,15 +110,16 @@ def decode_relative(
         if blob.size < nt:
             raise FileFormatError("its index table is truncated")
         lengths = entropy.unpack_lengths(blob[:nt], 2**ib)
-        rd = entropy.BitReader(np.unpackbits(blob[nt:]))
-        syms, end = entropy.decode(rd, 0, lengths, count=nnz, stop=2**ib - 1)
-        if entropy.bits_to_bytes(end) != rd.n // 8 or rd.bits[end:].any():
+        rd = entropy.BitReader.packed(blob[nt:])
+        size = math.prod(shape)
+        syms, end = entropy.decode(rd, 0, lengths, count=nnz, stop=2**ib - 1, size=size)
+        if entropy.bits_to_bytes(end) != rd.n // 8 or not rd.zero_from(end):
             raise FileFormatError("its index stream has trailing data")
-        pos = entropy.relative_positions(syms, ib, size=math.prod(shape))
+        kept = entropy.relative_mask(syms, ib, size=size)
     except FileFormatError as e:
         raise FileFormatError(f"corrupted file: {where}: {e}") from None
     vals = values(arrays["data"])
     if np.any(vals == 0):
         raise FileFormatError(f"corrupted file: {where} stores zeros as nonzero values")
-    out[pos] = vals
+    out[kept] = vals
     return out.reshape(shape)
