@@ -7,9 +7,11 @@ directly onto the sharding asked for (which may differ from the one it was saved
 process reads only the pieces its devices hold.
 
 Every process of a multi-process run calls :func:`save_sharded` and :func:`load_sharded` with
-the same arguments (they are collective); the directory must be one all processes see.  A save
-is atomic: orbax writes to a temporary directory and renames it when every process is done, so a
-crash leaves no half-written checkpoint under ``path``.  orbax-checkpoint is an optional
+the same arguments (they are collective); the directory must be one all processes see.  A new
+save is atomic: orbax writes to a temporary directory and renames it when every process is done,
+so a crash leaves no half-written checkpoint under ``path``.  ``overwrite=True`` replaces only a
+directory that holds an orbax checkpoint, and orbax removes the old one before it writes the new
+one: a crash during such a save leaves neither.  orbax-checkpoint is an optional
 dependency (``pip install prunejax[sharded]``), imported on first use.
 """
 
@@ -21,9 +23,11 @@ from typing import Any
 import jax
 import numpy as np
 
-from prunejax._util import PyTree, flatten
+from prunejax._util import PyTree, flatten, path_str
 
 __all__ = ["save_sharded", "load_sharded"]
+
+_MARKER = "_CHECKPOINT_METADATA"  # orbax writes it into every checkpoint directory
 
 
 def _ocp() -> Any:
@@ -53,13 +57,18 @@ def save_sharded(path: str | os.PathLike, tree: PyTree, *, overwrite: bool = Fal
       overwrite: replace an existing checkpoint at ``path``.
 
     Raises:
-      FileExistsError: ``path`` exists and ``overwrite`` is False.
+      FileExistsError: ``path`` exists and ``overwrite`` is False, or ``path`` exists and is
+        not a checkpoint directory (a file, or a directory without orbax's
+        ``_CHECKPOINT_METADATA``): nothing that is not a checkpoint is ever replaced.
       TypeError: a leaf is not an array (the message names it).
     """
     _check_tree(tree, "tree")
     path = os.path.abspath(os.fspath(path))
-    if os.path.exists(path) and not overwrite:
-        raise FileExistsError(f"{path} exists; pass overwrite=True to replace it")
+    if os.path.exists(path):
+        if not os.path.isfile(os.path.join(path, _MARKER)):
+            raise FileExistsError(f"{path} exists and is not a sharded checkpoint; not replaced")
+        if not overwrite:
+            raise FileExistsError(f"{path} exists; pass overwrite=True to replace it")
     ocp = _ocp()
     with ocp.StandardCheckpointer() as ckpt:
         ckpt.save(path, tree, force=overwrite)
@@ -80,7 +89,7 @@ def load_sharded(path: str | os.PathLike, like: PyTree) -> PyTree:
 
     Raises:
       FileNotFoundError: no checkpoint at ``path``.
-      ValueError: the saved tree's structure, shapes or dtypes differ from ``like``'s (orbax's
+      ValueError: the saved tree's structure, shapes or dtypes differ from ``like``'s (the
         message names the leaf).
     """
     path = os.path.abspath(os.fspath(path))
@@ -89,7 +98,26 @@ def load_sharded(path: str | os.PathLike, like: PyTree) -> PyTree:
     target = jax.tree_util.tree_map(_abstract, like)
     ocp = _ocp()
     with ocp.StandardCheckpointer() as ckpt:
+        _check_saved(ckpt.metadata(path), target)
         return ckpt.restore(path, target)
+
+
+def _check_saved(metadata: Any, target: PyTree) -> None:
+    """Raise naming the first leaf whose saved shape or dtype differs from ``target``'s."""
+    saved = getattr(metadata, "item_metadata", metadata)
+    saved = getattr(saved, "tree", saved)
+    s_flat = jax.tree_util.tree_flatten_with_path(saved)[0]
+    t_flat = jax.tree_util.tree_flatten_with_path(target)[0]
+    s_paths, s_leaves = [path_str(k) for k, _ in s_flat], [x for _, x in s_flat]
+    t_paths, t_leaves = [path_str(k) for k, _ in t_flat], [x for _, x in t_flat]
+    if s_paths != t_paths:
+        raise ValueError(f"the checkpoint holds leaves {s_paths}, like= has {t_paths}")
+    for p, s, t in zip(s_paths, s_leaves, t_leaves, strict=True):
+        if tuple(s.shape) != tuple(t.shape) or np.dtype(s.dtype) != np.dtype(t.dtype):
+            raise ValueError(
+                f"leaf {p!r} was saved as {np.dtype(s.dtype)}{list(s.shape)}, like= asks for "
+                f"{np.dtype(t.dtype)}{list(t.shape)}"
+            )
 
 
 def _abstract(x: Any) -> jax.ShapeDtypeStruct:

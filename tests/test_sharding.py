@@ -268,3 +268,34 @@ def test_sharded_checkpoint_round_trip_and_refusals(tmp_path):
         )
     with pytest.raises(TypeError, match="'w'"):
         save_sharded(tmp_path / "ck2", {"w": "not an array"})
+
+
+def test_sharded_checkpoint_refuses_wrong_dtypes_and_non_checkpoints(tmp_path):
+    import jax
+    import jax.numpy as jnp
+
+    from prunejax.sharded import load_sharded, save_sharded
+
+    one = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    tree = {"w": jnp.ones((2, 3), jnp.float32)}
+    save_sharded(tmp_path / "ck", tree)
+    with pytest.raises(ValueError, match="'w' was saved as float32"):
+        load_sharded(tmp_path / "ck", {"w": jax.ShapeDtypeStruct((2, 3), jnp.int32, sharding=one)})
+    with pytest.raises(ValueError, match="'w' was saved as float32"):
+        load_sharded(
+            tmp_path / "ck", {"w": jax.ShapeDtypeStruct((3, 2), jnp.float32, sharding=one)}
+        )
+    save_sharded(
+        tmp_path / "ck", {"w": jnp.zeros((2, 3))}, overwrite=True
+    )  # a checkpoint: replaced
+    other = tmp_path / "notes"
+    other.mkdir()
+    (other / "notes.txt").write_text("keep me")
+    with pytest.raises(FileExistsError, match="not a sharded checkpoint"):
+        save_sharded(other, tree, overwrite=True)
+    assert (other / "notes.txt").read_text() == "keep me"
+    a_file = tmp_path / "file"
+    a_file.write_text("keep me")
+    with pytest.raises(FileExistsError, match="not a sharded checkpoint"):
+        save_sharded(a_file, tree, overwrite=True)
+    assert a_file.read_text() == "keep me"
