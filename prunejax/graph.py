@@ -1031,6 +1031,25 @@ def _fold_target(g: _Graph, c: _Consumer) -> _Target | None:
     return _Target(bias.prov[0], leaf_axes, out_axes)
 
 
+def _perturbed(inputs: list) -> list:
+    """``inputs`` plus deterministic noise (floats) or redrawn values in their range (integers,
+    bools): a second input on which a unit that is constant on a degenerate example (all ones,
+    one row) shows that it depends on the input."""
+    out = []
+    for k, x in enumerate(inputs):
+        key = jax.random.fold_in(jax.random.key(0), k)
+        if jnp.issubdtype(x.dtype, jnp.inexact):
+            out.append(x + jax.random.normal(key, x.shape, x.dtype))
+        elif x.dtype == jnp.bool_:
+            out.append(jax.random.bernoulli(key, 0.5, x.shape))
+        elif x.size:
+            lo, hi = int(x.min()), int(x.max())
+            out.append(jax.random.randint(key, x.shape, lo, hi + 1).astype(x.dtype))
+        else:
+            out.append(x)
+    return out
+
+
 def _constant_along(act: np.ndarray, axes: list[int]) -> bool:
     return all(
         np.array_equal(act, np.broadcast_to(np.take(act, [0], axis=ax), act.shape)) for ax in axes
@@ -1069,31 +1088,40 @@ def _fold(
 
 
 def _remove_constant_units(
-    grp: _Group, g: _Graph, work: list[np.ndarray], run: Callable, inputs: list
+    grp: _Group, g: _Graph, work: list[np.ndarray], run: Callable, inputs: tuple[list, list]
 ) -> bool:
     """Units whose producers are all zero emit constants: remove those whose constant is zero
-    where it is read, fold the others into dense consumers' biases; True if any was removed."""
+    where it is read, fold the others into dense consumers' biases; True if any was removed.
+    ``inputs`` are the example and the ``_perturbed`` example: a unit whose value differs
+    between them depends on the input through a path other than its producers and is kept."""
     if grp.reasons or grp.mixed:
         return False
     dead = ~grp.removed & ~grp.stuck & ~_nonzero(work, grp.producers, grp.size)
     if not dead.any():
         return False
-    got = run([jnp.asarray(w) for w in work], inputs)
+    arrays = [jnp.asarray(w) for w in work]
+    got, again = run(arrays, inputs[0]), run(arrays, inputs[1])
     keep, folds = np.zeros(grp.size, bool), []
     for c, umap in grp.consumers:
         operands = [np.asarray(x) for x in got[c.op]]
+        other = np.asarray(again[c.op][c.act])
         unit_of = np.arange(grp.size) if umap is None else umap
         at = dead[unit_of]
         vals = np.moveaxis(operands[c.act], c.act_axis, 0)[at]
+        vals2 = np.moveaxis(other, c.act_axis, 0)[at]
         nonzero = np.zeros(grp.size, bool)
         np.logical_or.at(nonzero, unit_of[at], vals.reshape(len(vals), -1).any(axis=1))
+        np.logical_or.at(nonzero, unit_of[at], vals2.reshape(len(vals2), -1).any(axis=1))
         if not nonzero.any():
             continue
         target = _fold_target(g, c)
         if target is not None:
             contracted = g.ops[c.op].params["dimension_numbers"][0][c.act]
             sub = np.take(operands[c.act], np.flatnonzero(at), axis=c.act_axis)
-            if not _constant_along(sub, [a for a in range(sub.ndim) if a not in contracted]):
+            same = np.array_equal(sub, np.take(other, np.flatnonzero(at), axis=c.act_axis))
+            if not same or not _constant_along(
+                sub, [a for a in range(sub.ndim) if a not in contracted]
+            ):
                 target = None
         if target is None:
             keep |= nonzero
@@ -1193,9 +1221,10 @@ def compact_graph(
     groups = _resolve(g, model.paths)
     work = model.work
     run = _runner(traced, {c.op for grp in groups for c, _ in grp.consumers})
+    inputs = (traced.inputs, _perturbed(traced.inputs))
     while True:
         _remove_dead_outputs(groups, work)
-        if not any(_remove_constant_units(grp, g, work, run, traced.inputs) for grp in groups):
+        if not any(_remove_constant_units(grp, g, work, run, inputs) for grp in groups):
             break
         for grp in groups:
             grp.stuck[:] = False
