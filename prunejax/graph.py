@@ -285,7 +285,13 @@ def _subjaxpr(eqn: Any) -> tuple[Any, list] | None:
 
 
 def _constant(g: _Graph, value: Any, aval: Any) -> _Node:
-    return g.node(aval, value=jnp.asarray(value, dtype=aval.dtype))
+    """A node for a literal or a constant of ``apply_fn``; an axis along which it has more than
+    one element ties the units there to values outside the parameters, so they stay whole."""
+    node = g.node(aval, value=jnp.asarray(value, dtype=aval.dtype))
+    for d, slot in zip(node.shape, node.slots, strict=True):
+        if d > 1:
+            g.slots.reason(slot, "carried by a constant of apply_fn")
+    return node
 
 
 def _walk(g: _Graph, jaxpr: Any, consts: list[_Node], ins: list[_Node]) -> list[_Node]:

@@ -479,3 +479,29 @@ def test_an_input_dependent_unit_is_not_folded_on_a_degenerate_example(example):
     np.testing.assert_allclose(
         _weight_normed_gate(res.params, x), _weight_normed_gate(p, x), rtol=1e-5, atol=1e-5
     )
+
+
+def test_a_constant_of_apply_fn_along_the_units_keeps_them_whole():
+    rng = np.random.default_rng(2)
+    cst = rng.standard_normal(5).astype(np.float32)
+    p = {
+        "a": {
+            "kernel": rng.standard_normal((6, 5)).astype(np.float32),
+            "bias": np.ones(5, np.float32),
+        },
+        "c": {
+            "kernel": rng.standard_normal((5, 3)).astype(np.float32),
+            "bias": np.zeros(3, np.float32),
+        },
+    }
+    p["c"]["kernel"][1] = 0.0  # unit 1 is dead on output
+
+    def fn(q, x):
+        return (jax.nn.relu(x @ q["a"]["kernel"] + q["a"]["bias"]) * cst) @ q["c"]["kernel"]
+
+    x = rng.standard_normal((4, 6)).astype(np.float32)
+    res = compact_graph(fn, p, x[:2])
+    assert res.widths["a"] == 5
+    (grp,) = [u for u in res.groups if ("a/kernel", 1) in u.slices]
+    assert "carried by a constant of apply_fn" in grp.whole
+    np.testing.assert_allclose(fn(res.params, x), fn(p, x), rtol=1e-6)
