@@ -19,8 +19,9 @@ and the primitives say which axes must be pruned together:
 * pooling (``reduce_window_*``) and reductions over other axes pass a unit axis through.
 * a reduction over a unit axis (LayerNorm statistics, a softmax over units), a contraction of
   that axis between two activations (attention scores over the query/key feature axis), a
-  concatenation, slice, pad or reshape that splits it, grouped convolution, and being an input or
-  an output of ``apply_fn`` *couple* the group's units: such a group is kept whole (its reason is
+  concatenation, slice, pad or reshape that splits it, grouped convolution, being an input or
+  an output of ``apply_fn``, and a constant of ``apply_fn`` (a closure array) with several
+  elements along the axis *couple* the group's units: such a group is kept whole (its reason is
   reported in ``GraphCompacted.groups``).
 * any other primitive that touches a group which could otherwise be pruned is refused with a
   ``ValueError`` naming the primitive and the parameter: no unit is removed on a guess.
@@ -31,7 +32,10 @@ A unit is then removed when it provably does not change the output:
 * **dead on input**: the slices of every producer kernel that write it are zero, so it emits a
   constant that depends on the parameters only (``activation(bias)``, or BatchNorm's
   ``(bias - mean) * scale / sqrt(var + eps) + beta``, through pooling and flattening).  The
-  constant is computed by running the traced graph; where it is zero at every consumer the unit
+  constant is computed by running the traced graph on the example and on the example plus
+  deterministic noise (a unit whose value differs depends on the input through another path,
+  such as a gate, and is kept, even when the example is all ones or one row); where it is zero
+  at every consumer the unit
   goes; otherwise its contribution is folded into the bias added right after a dense consumer
   (``dot_general`` followed by ``add`` of a parameter), as ``prunejax.compact`` does for MLPs.  A
   nonzero constant read by a convolution (its image borders see the padding, so it is no bias)
