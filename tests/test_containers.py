@@ -228,3 +228,13 @@ def test_out_in_state_dict_with_layout(tmp_path, x):
     assert rep.layers[0].shape == (12, 16)
     with pytest.raises(ValueError, match="layout"):
         pj.compact(sd, layout="oi")
+
+
+def test_out_in_layout_for_an_nnx_state_is_refused(nnx_pruned):
+    _, state, _, _ = nnx_pruned
+    with pytest.raises(ValueError, match=r"layout='out_in'.*nnx.State"):
+        unwrap(state, layout="out_in")
+    with pytest.raises(ValueError, match=r"layout='out_in'.*nnx.State"):
+        pj.compact(state, layout="out_in")
+    with pytest.raises(ValueError, match=r"layout='out_in'.*nnx.State"):
+        pj.sparsify(state, layout="out_in")
