@@ -402,9 +402,8 @@ def load(
         besides ``max_bytes``).
       like: a template of the saved container, whose leaf paths must be the file's (needed to
         get an Equinox module back, as in ``eqx.tree_deserialise_leaves``: the file holds no
-        code; optional for an ``nnx.State``); shapes may differ (a compacted file).  A plain
-        tree template takes the ``(out, in)`` kernels from the file (saved with
-        ``layout="out_in"``).
+        code; optional for an ``nnx.State``; a plain tree takes the file's ``(out, in)``
+        kernels); shapes may differ (a compacted file).
       quantized: give quantized leaves back as ``prunejax.quantize.Quantized`` (bit-exact codes,
         codebook and mask) instead of their dequantized values.
 
