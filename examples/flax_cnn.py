@@ -178,7 +178,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     params = train(model, params, (x, y), optax.adam(args.lr), args, args.epochs)
     acc = {"dense": accuracy(model, params, x_test, y_test)}
 
-    masks = pj.unit_masks(params, args.sparsity)  # conv filters and hidden units, by L2 norm
+    # conv filters and hidden units, by L2 norm; the head Dense_1 keeps its 10 units (named, as
+    # Conv_<n> and Dense_<n> names do not say which family comes first)
+    masks = pj.unit_masks(params, args.sparsity, output="Dense_1")
     masked = pj.apply_masks(params, masks)
     masked = train(
         model, masked, (x, y), pj.masked(optax.adam(args.lr / 2), masks), args, args.finetune_epochs

@@ -1172,11 +1172,16 @@ def unwrap(obj: Any, *, layout: str | None = None) -> Unwrapped:
       ``(in, out)`` and whose ``rewrap`` builds a container of ``obj``'s type back.
 
     Raises:
-      ValueError: a bad ``layout``.
+      ValueError: a bad ``layout``, or ``"out_in"`` for an ``nnx.State``.
     """
     layout = check_layout(layout)
     nnx = sys.modules.get("flax.nnx")
     if nnx is not None and isinstance(obj, nnx.State):
+        if layout == "out_in":
+            raise ValueError(
+                "layout='out_in' is not supported for an nnx.State (its kernels are read as "
+                "(in, out)); transpose (out, in) Params into an (in, out) plain tree first"
+            )
         return _unwrap_nnx(obj)
     eqx = sys.modules.get("equinox")
     if eqx is not None and isinstance(obj, eqx.Module):

@@ -19,8 +19,9 @@ and the primitives say which axes must be pruned together:
 * pooling (``reduce_window_*``) and reductions over other axes pass a unit axis through.
 * a reduction over a unit axis (LayerNorm statistics, a softmax over units), a contraction of
   that axis between two activations (attention scores over the query/key feature axis), a
-  concatenation, slice, pad or reshape that splits it, grouped convolution, and being an input or
-  an output of ``apply_fn`` *couple* the group's units: such a group is kept whole (its reason is
+  concatenation, slice, pad or reshape that splits it, grouped convolution, being an input or
+  an output of ``apply_fn``, and a constant of ``apply_fn`` (a closure array) with several
+  elements along the axis *couple* the group's units: such a group is kept whole (its reason is
   reported in ``GraphCompacted.groups``).
 * any other primitive that touches a group which could otherwise be pruned is refused with a
   ``ValueError`` naming the primitive and the parameter: no unit is removed on a guess.
@@ -31,7 +32,10 @@ A unit is then removed when it provably does not change the output:
 * **dead on input**: the slices of every producer kernel that write it are zero, so it emits a
   constant that depends on the parameters only (``activation(bias)``, or BatchNorm's
   ``(bias - mean) * scale / sqrt(var + eps) + beta``, through pooling and flattening).  The
-  constant is computed by running the traced graph; where it is zero at every consumer the unit
+  constant is computed by running the traced graph on the example and on the example plus
+  deterministic noise (a unit whose value differs depends on the input through another path,
+  such as a gate, and is kept, even when the example is all ones or one row); where it is zero
+  at every consumer the unit
   goes; otherwise its contribution is folded into the bias added right after a dense consumer
   (``dot_general`` followed by ``add`` of a parameter), as ``prunejax.compact`` does for MLPs.  A
   nonzero constant read by a convolution (its image borders see the padding, so it is no bias)
@@ -285,7 +289,13 @@ def _subjaxpr(eqn: Any) -> tuple[Any, list] | None:
 
 
 def _constant(g: _Graph, value: Any, aval: Any) -> _Node:
-    return g.node(aval, value=jnp.asarray(value, dtype=aval.dtype))
+    """A node for a literal or a constant of ``apply_fn``; an axis along which it has more than
+    one element ties the units there to values outside the parameters, so they stay whole."""
+    node = g.node(aval, value=jnp.asarray(value, dtype=aval.dtype))
+    for d, slot in zip(node.shape, node.slots, strict=True):
+        if d > 1:
+            g.slots.reason(slot, "carried by a constant of apply_fn")
+    return node
 
 
 def _walk(g: _Graph, jaxpr: Any, consts: list[_Node], ins: list[_Node]) -> list[_Node]:
@@ -1031,6 +1041,25 @@ def _fold_target(g: _Graph, c: _Consumer) -> _Target | None:
     return _Target(bias.prov[0], leaf_axes, out_axes)
 
 
+def _perturbed(inputs: list) -> list:
+    """``inputs`` plus deterministic noise (floats) or redrawn values in their range (integers,
+    bools): a second input on which a unit that is constant on a degenerate example (all ones,
+    one row) shows that it depends on the input."""
+    out = []
+    for k, x in enumerate(inputs):
+        key = jax.random.fold_in(jax.random.key(0), k)
+        if jnp.issubdtype(x.dtype, jnp.inexact):
+            out.append(x + jax.random.normal(key, x.shape, x.dtype))
+        elif x.dtype == jnp.bool_:
+            out.append(jax.random.bernoulli(key, 0.5, x.shape))
+        elif x.size:
+            lo, hi = int(x.min()), int(x.max())
+            out.append(jax.random.randint(key, x.shape, lo, hi + 1).astype(x.dtype))
+        else:
+            out.append(x)
+    return out
+
+
 def _constant_along(act: np.ndarray, axes: list[int]) -> bool:
     return all(
         np.array_equal(act, np.broadcast_to(np.take(act, [0], axis=ax), act.shape)) for ax in axes
@@ -1069,31 +1098,40 @@ def _fold(
 
 
 def _remove_constant_units(
-    grp: _Group, g: _Graph, work: list[np.ndarray], run: Callable, inputs: list
+    grp: _Group, g: _Graph, work: list[np.ndarray], run: Callable, inputs: tuple[list, list]
 ) -> bool:
     """Units whose producers are all zero emit constants: remove those whose constant is zero
-    where it is read, fold the others into dense consumers' biases; True if any was removed."""
+    where it is read, fold the others into dense consumers' biases; True if any was removed.
+    ``inputs`` are the example and the ``_perturbed`` example: a unit whose value differs
+    between them depends on the input through a path other than its producers and is kept."""
     if grp.reasons or grp.mixed:
         return False
     dead = ~grp.removed & ~grp.stuck & ~_nonzero(work, grp.producers, grp.size)
     if not dead.any():
         return False
-    got = run([jnp.asarray(w) for w in work], inputs)
+    arrays = [jnp.asarray(w) for w in work]
+    got, again = run(arrays, inputs[0]), run(arrays, inputs[1])
     keep, folds = np.zeros(grp.size, bool), []
     for c, umap in grp.consumers:
         operands = [np.asarray(x) for x in got[c.op]]
+        other = np.asarray(again[c.op][c.act])
         unit_of = np.arange(grp.size) if umap is None else umap
         at = dead[unit_of]
         vals = np.moveaxis(operands[c.act], c.act_axis, 0)[at]
+        vals2 = np.moveaxis(other, c.act_axis, 0)[at]
         nonzero = np.zeros(grp.size, bool)
         np.logical_or.at(nonzero, unit_of[at], vals.reshape(len(vals), -1).any(axis=1))
+        np.logical_or.at(nonzero, unit_of[at], vals2.reshape(len(vals2), -1).any(axis=1))
         if not nonzero.any():
             continue
         target = _fold_target(g, c)
         if target is not None:
             contracted = g.ops[c.op].params["dimension_numbers"][0][c.act]
             sub = np.take(operands[c.act], np.flatnonzero(at), axis=c.act_axis)
-            if not _constant_along(sub, [a for a in range(sub.ndim) if a not in contracted]):
+            same = np.array_equal(sub, np.take(other, np.flatnonzero(at), axis=c.act_axis))
+            if not same or not _constant_along(
+                sub, [a for a in range(sub.ndim) if a not in contracted]
+            ):
                 target = None
         if target is None:
             keep |= nonzero
@@ -1193,9 +1231,10 @@ def compact_graph(
     groups = _resolve(g, model.paths)
     work = model.work
     run = _runner(traced, {c.op for grp in groups for c, _ in grp.consumers})
+    inputs = (traced.inputs, _perturbed(traced.inputs))
     while True:
         _remove_dead_outputs(groups, work)
-        if not any(_remove_constant_units(grp, g, work, run, traced.inputs) for grp in groups):
+        if not any(_remove_constant_units(grp, g, work, run, inputs) for grp in groups):
             break
         for grp in groups:
             grp.stuck[:] = False

@@ -38,6 +38,7 @@ Semantics shared by all builders:
 
 from __future__ import annotations
 
+import re
 import sys
 import warnings
 from collections.abc import Mapping, Sequence
@@ -481,19 +482,78 @@ def _unit_biases(
     return bias_of
 
 
+_HEAD_NAMES = frozenset({"head", "lm_head", "classifier", "logits"})
+
+
+def _name_parts(name: str) -> list[str]:
+    """The keys of a layer name, split at ``/`` and PyTorch's ``.``."""
+    return re.split(r"[/.]", name)
+
+
+def _one_family(names: list[str]) -> bool:
+    """Whether ``names`` are one numbered family under one parent (``Dense_0``, ``Dense_1``;
+    ``fc1``, ``fc2``; ``layers/0``, ``layers/1``): their order is then the forward order."""
+    found = [re.fullmatch(r"(.*?)(\d+)", n) for n in names]
+    if not found or not all(found):
+        return False
+    prefixes = {m.group(1) for m in found if m}
+    numbers = [int(m.group(2)) for m in found if m]
+    return len(prefixes) == 1 and len(set(numbers)) == len(numbers)
+
+
+def _guess_output(layers: list[Any]) -> tuple[Any, bool]:
+    """The output layer in ``layers`` (natural order) and whether the order is unambiguous.
+
+    The last layer named as a head (a key ``head``, ``lm_head``, ``classifier``, ``logits``) if
+    any, else the last layer.  Unambiguous: a Keras-style sequence, one numbered family, or one
+    head after one numbered family."""
+    heads = [x for x in layers if _HEAD_NAMES & set(_name_parts(x.name))]
+    out = heads[-1] if heads else layers[-1]
+    if len(layers) == 1 or all(x.kind == "sequence" for x in layers):
+        return out, True
+    rest = [x.name for x in layers if x is not out]
+    if _one_family([x.name for x in layers]):
+        return out, out is layers[-1]
+    return out, len(heads) == 1 and _one_family(rest)
+
+
+def _named_output(paths: list[str], layers: list[Any], output: str) -> Any:
+    """The layer whose kernel path or layer name is ``output``; raise if there is none."""
+    for layer in layers:
+        if output in (paths[layer.kernel], layer.name):
+            return layer
+    names = [paths[x.kernel] for x in layers]
+    raise ValueError(f"unit_masks: output={output!r} names no kernel; the kernels are {names}")
+
+
 def _keep_output(
-    paths: list[str], values: list[Any], layers: list[Any], sparsity: Any
+    paths: list[str], values: list[Any], layers: list[Any], sparsity: Any, output: str | None
 ) -> list[Any]:
-    """``values`` without the output layer's (the last layer in forward order; a named or
-    sequence layer before an ``"unnamed"`` matrix), warning where that leaves nothing pruned or
-    drops a value the per-leaf ``sparsity`` gave it by name."""
+    """``values`` without the output layer's: ``output`` (a kernel path or layer name) or a
+    guess (see ``_guess_output``; a named or sequence layer before an ``"unnamed"`` matrix),
+    warning naming the guess where the forward order is ambiguous, and where keeping it leaves
+    nothing pruned or drops a value the per-leaf ``sparsity`` gave it by name."""
     known = [layer for layer in layers if layer.kind != "unnamed"] or layers
-    if not known or values[known[-1].kernel] is None:
+    if output is not None:
+        layer, sure = _named_output(paths, layers, output), True
+    elif not known:
         return values
-    out = known[-1].kernel
+    else:
+        layer, sure = _guess_output(known)
+    out = layer.kernel
+    if values[out] is None:
+        return values
     values = list(values)
     values[out] = None
-    if all(v is None for v in values) or isinstance(sparsity, Mapping | list | tuple):
+    if not sure:
+        warnings.warn(
+            f"unit_masks: took kernel {paths[out]!r} for the network's output layer and kept "
+            "its units, but the forward order of the layers is not clear from their names; "
+            "name the output kernel with output= (or pass prune_output=True)",
+            UserWarning,
+            stacklevel=3,
+        )
+    elif all(v is None for v in values) or isinstance(sparsity, Mapping | list | tuple):
         warnings.warn(
             f"unit_masks: kernel {paths[out]!r} is the network's output layer (the last in "
             "forward order), whose units are kept by default; pass prune_output=True to prune "
@@ -553,8 +613,10 @@ def _unit_layout(params: PyTree, layout: str | None) -> str:
     return layout
 
 
-def _check_unit_args(ord: Any, layout: str, prune_output: Any) -> int:
+def _check_unit_args(ord: Any, layout: str, prune_output: Any, output: Any) -> int:
     """Check ``unit_masks``' options; return the units' axis."""
+    if output is not None and not isinstance(output, str):
+        raise TypeError(f"output must be a kernel path or layer name (str), got {output!r}")
     o = check_number(ord, name="ord")
     if not o > 0:
         raise ValueError(f"ord must be a positive number (1, 2, np.inf, ...), got {ord!r}")
@@ -571,6 +633,7 @@ def unit_masks(
     where: Where | None = None,
     layout: str | None = None,
     prune_output: bool = False,
+    output: str | None = None,
 ) -> PyTree:
     """Prune whole output units (neurons, conv filters) with the smallest norm, with their biases.
 
@@ -585,8 +648,11 @@ def unit_masks(
     ``weight``/``bias``, ``w``/``b``, ``W``/``b``, ``w1``/``b1``, PyTorch ``fc1.weight``/
     ``fc1.bias``), the ``[W, b, ...]`` Keras list, Equinox ``Conv`` biases ``(out, 1, 1)``.
 
-    The output layer (the last kernel in ``dense_layers``' forward order; check it there) keeps
-    its units unless ``prune_output=True``: they are the model's outputs (classes).
+    The output layer (``output=``, else the last kernel in ``dense_layers``' natural order or
+    the last named ``head``/``lm_head``/``classifier``/``logits``) keeps its units (classes)
+    unless ``prune_output=True``.  Unless names give the forward order (a Keras/Equinox
+    sequence, one family ``Dense_<n>``/``fc<n>``/``layers/<n>``, maybe then one head; not
+    PyTorch ``features.*``/``classifier.*``), a ``UserWarning`` names the kernel guessed.
 
     Norm parameters that follow a unit (LayerNorm/BatchNorm ``scale``/``bias``, BatchNorm
     ``mean``/``var``) are not paired: the pytree alone does not say which layer they follow.  An
@@ -605,6 +671,7 @@ def unit_masks(
       layout: ``"in_out"``, ``"out_in"``, or ``None``: ``"out_in"`` for a tree holding Equinox
         ``Linear``/``Conv`` modules (``eqx.partition(model, eqx.is_array)[0]``), else ``"in_out"``.
       prune_output: also prune the output layer's units.
+      output: the output layer's kernel path or layer name (``"classifier.3"``); see above.
 
     Returns:
       A pytree of boolean masks (True = kept): whole units of kernels, matching bias entries.
@@ -612,12 +679,11 @@ def unit_masks(
     Raises:
       ValueError: a selected leaf is 1-D, a bias (or a sibling named as one) does not fit the
         kernel's units, a bad ``layout`` (``"in_out"`` for Equinox layers), ``ord <= 0`` or NaN,
-        or a bad sparsity.
-      TypeError: a selected leaf is complex or not numeric; a non-number ``ord``, a non-bool
-        ``prune_output``.
+        a bad sparsity, or an ``output`` naming no kernel.
+      TypeError: a complex or non-numeric leaf; a bad ``ord``, ``prune_output`` or ``output``.
     """
     layout = _unit_layout(params, layout)
-    axis = _check_unit_args(ord, layout, prune_output)
+    axis = _check_unit_args(ord, layout, prune_output, output)
     paths, leaves, treedef, selected = _validated(params, where)
     _check_unit_rank(paths, leaves, selected)
     layers = dense_layers(params, layout=layout, conv=True)
@@ -627,7 +693,7 @@ def unit_masks(
     _check_jax_range(paths, leaves, selected, use_jax)
     values = per_leaf_values(sparsity, paths, selected, name="sparsity", check=_check_sparsity)
     if not prune_output:
-        values = _keep_output(paths, values, layers, sparsity)
+        values = _keep_output(paths, values, layers, sparsity, output)
     bias_of = _unit_biases(paths, leaves, values, layers, layout)
     out = [_ones_like(leaf, use_jax) for leaf in leaves]
     for i, (leaf, s) in enumerate(zip(leaves, values, strict=True)):

@@ -228,3 +228,34 @@ def test_out_in_state_dict_with_layout(tmp_path, x):
     assert rep.layers[0].shape == (12, 16)
     with pytest.raises(ValueError, match="layout"):
         pj.compact(sd, layout="oi")
+
+
+def test_load_like_a_plain_tree_of_a_file_saved_out_in(tmp_path):
+    rng = np.random.default_rng(1)
+    sd = {
+        "fc1": {
+            "weight": rng.normal(size=(6, 4)).astype(np.float32),
+            "bias": np.ones(6, np.float32),
+        },
+        "fc2": {
+            "weight": rng.normal(size=(3, 6)).astype(np.float32),
+            "bias": np.ones(3, np.float32),
+        },
+    }
+    sd["fc1"]["weight"][:, 1] = 0.0
+    path = tmp_path / "sd.safetensors"
+    pj.save(path, sd, format="csr", layout="out_in")
+    loaded = pj.load(path, like=sd)
+    for layer in sd:
+        for name in sd[layer]:
+            np.testing.assert_array_equal(np.asarray(loaded[layer][name]), sd[layer][name])
+
+
+def test_out_in_layout_for_an_nnx_state_is_refused(nnx_pruned):
+    _, state, _, _ = nnx_pruned
+    with pytest.raises(ValueError, match=r"layout='out_in'.*nnx.State"):
+        unwrap(state, layout="out_in")
+    with pytest.raises(ValueError, match=r"layout='out_in'.*nnx.State"):
+        pj.compact(state, layout="out_in")
+    with pytest.raises(ValueError, match=r"layout='out_in'.*nnx.State"):
+        pj.sparsify(state, layout="out_in")

@@ -448,3 +448,60 @@ def test_plain_function_through_custom_vjp_and_checkpoint():
     assert res.widths == {"w1": 3, "w2": 2}
     assert np.abs(res.params["b2"]).max() > 0
     np.testing.assert_allclose(apply(res.params, x), apply(p, x), rtol=1e-5, atol=1e-6)
+
+
+def _gated_params(rng):
+    n = lambda *s: (rng.standard_normal(s) / np.sqrt(s[0])).astype(np.float32)  # noqa: E731
+    p = {
+        "l1": {"kernel": n(6, 5), "bias": n(5) + 0.5},
+        "l2": {"kernel": n(5, 3), "bias": n(3)},
+        "g": {"v": n(6, 5), "s": np.ones(5, np.float32)},
+    }
+    p["l1"]["kernel"][:, 0] = 0.0  # unit 0 is dead on input: relu(bias) * gate(x)
+    return p
+
+
+def _weight_normed_gate(p, x):
+    v = p["g"]["v"]
+    gate = jax.nn.sigmoid(x @ (v * (p["g"]["s"] / jnp.linalg.norm(v, axis=0))))
+    hidden = jax.nn.relu(x @ p["l1"]["kernel"] + p["l1"]["bias"]) * gate
+    return hidden @ p["l2"]["kernel"] + p["l2"]["bias"]
+
+
+@pytest.mark.parametrize("example", ["ones", "one row", "two rows"])
+def test_an_input_dependent_unit_is_not_folded_on_a_degenerate_example(example):
+    rng = np.random.default_rng(1)
+    p = _gated_params(rng)
+    x = rng.standard_normal((4, 6)).astype(np.float32)
+    ex = {"ones": np.ones((2, 6), np.float32), "one row": x[:1], "two rows": x[:2]}[example]
+    res = compact_graph(_weight_normed_gate, p, ex)
+    assert res.widths["l1"] == 5  # the dead-on-input unit is gated by the input: kept
+    np.testing.assert_allclose(
+        _weight_normed_gate(res.params, x), _weight_normed_gate(p, x), rtol=1e-5, atol=1e-5
+    )
+
+
+def test_a_constant_of_apply_fn_along_the_units_keeps_them_whole():
+    rng = np.random.default_rng(2)
+    cst = rng.standard_normal(5).astype(np.float32)
+    p = {
+        "a": {
+            "kernel": rng.standard_normal((6, 5)).astype(np.float32),
+            "bias": np.ones(5, np.float32),
+        },
+        "c": {
+            "kernel": rng.standard_normal((5, 3)).astype(np.float32),
+            "bias": np.zeros(3, np.float32),
+        },
+    }
+    p["c"]["kernel"][1] = 0.0  # unit 1 is dead on output
+
+    def fn(q, x):
+        return (jax.nn.relu(x @ q["a"]["kernel"] + q["a"]["bias"]) * cst) @ q["c"]["kernel"]
+
+    x = rng.standard_normal((4, 6)).astype(np.float32)
+    res = compact_graph(fn, p, x[:2])
+    assert res.widths["a"] == 5
+    (grp,) = [u for u in res.groups if ("a/kernel", 1) in u.slices]
+    assert "carried by a constant of apply_fn" in grp.whole
+    np.testing.assert_allclose(fn(res.params, x), fn(p, x), rtol=1e-6)

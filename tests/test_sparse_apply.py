@@ -295,3 +295,22 @@ def test_nm_kernels_in_a_linen_model(linen, images):
     assert pj.format_of(sp["Dense_2"]["kernel"]) == "nm"
     out = jax.jit(pj.sparse_apply(model.apply))({"params": sp}, images)
     np.testing.assert_allclose(out, ref, **TOL)
+
+
+def test_wrong_layout_message_names_the_axis_the_stored_layout_and_the_fitting_one():
+    w = {"weight": np.eye(4, 3, dtype=np.float32)}
+    with pytest.raises(
+        TypeError,
+        match=r"contracting its axis 1, which is the output axis in the layout sparsify stored, "
+        r"layout='in_out' \(in, out\).*sparsify\(\.\.\., layout='out_in'\)",
+    ):
+        pj.sparse_apply(lambda p, x: p["weight"] @ x)(sparse(w, "csr"), jnp.ones(3))
+    t = {"weight": np.eye(3, 4, dtype=np.float32)}
+    with pytest.raises(
+        TypeError,
+        match=r"contracting its axis 0, which is the output axis in the layout sparsify stored, "
+        r"layout='out_in' \(out, in\).*sparsify\(\.\.\., layout='in_out'\)",
+    ):
+        pj.sparse_apply(lambda p, x: x @ p["weight"])(
+            pj.sparsify(t, "csr", layout="out_in"), jnp.ones(3)
+        )

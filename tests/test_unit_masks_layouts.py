@@ -318,3 +318,89 @@ def test_nnx_state_pairs_kernel_value_with_bias_value():
     np.testing.assert_array_equal(np.asarray(m["fc1"]["bias"][...]), cols)
     np.testing.assert_array_equal(np.asarray(m["fc1"]["kernel"][...])[0], cols)
     assert np.asarray(m["fc2"]["kernel"][...]).all()
+
+
+def torch_state_dict() -> dict:
+    return {
+        "features.0.weight": rng_array(0, (8, 3, 3, 3)),
+        "features.0.bias": rng_array(1, (8,)),
+        "features.3.weight": rng_array(2, (8, 8, 3, 3)),
+        "features.3.bias": rng_array(3, (8,)),
+        "classifier.0.weight": rng_array(4, (16, 8)),
+        "classifier.0.bias": rng_array(5, (16,)),
+        "classifier.3.weight": rng_array(6, (10, 16)),
+        "classifier.3.bias": rng_array(7, (10,)),
+    }
+
+
+def test_output_layer_of_a_torch_state_dict_is_the_classifier_with_a_warning():
+    sd = torch_state_dict()  # "classifier.*" sorts before "features.*"
+    with pytest.warns(UserWarning, match=r"'classifier.3.weight'.*output="):
+        m = pj.unit_masks(sd, 0.5, layout="out_in")
+    assert m["classifier.3.weight"].all() and m["classifier.3.bias"].all()
+    assert not m["features.3.weight"].all()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        named = pj.unit_masks(sd, 0.5, layout="out_in", output="classifier.3")
+    assert all(np.array_equal(named[k], m[k]) for k in sd)
+
+
+def test_output_layer_of_a_nested_linen_model_is_named_or_warned():
+    # Net: MLP_0 (Dense_0, Dense_1) then the head Dense_0: names do not give the order
+    p = {
+        "params": {
+            "MLP_0": flax_mlp((8, 16, 16)),
+            "Dense_0": {"kernel": rng_array(7, (16, 10)), "bias": rng_array(8, (10,))},
+        }
+    }
+    with pytest.warns(UserWarning, match=r"took kernel 'params/MLP_0/Dense_1/kernel'.*output="):
+        pj.unit_masks(p, 0.5)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        m = pj.unit_masks(p, 0.5, output="params/Dense_0/kernel")
+    assert m["params"]["Dense_0"]["kernel"].all()
+    assert (~m["params"]["MLP_0"]["Dense_1"]["bias"]).sum() == 8
+
+
+def test_a_layer_named_classifier_is_the_output_layer():
+    p = {
+        "params": {
+            "hidden": flax_mlp((8, 16))["Dense_0"],
+            "classifier": flax_mlp((16, 10))["Dense_0"],
+        }
+    }
+    with pytest.warns(UserWarning, match=r"'params/classifier/kernel'"):
+        m = pj.unit_masks(p, 0.5)
+    assert m["params"]["classifier"]["kernel"].all()
+    assert (~m["params"]["hidden"]["bias"]).sum() == 8
+
+
+def test_clear_orders_keep_the_output_layer_silently():
+    head = {"kernel": rng_array(9, (3, 2)), "bias": rng_array(10, (2,))}
+    cases = [
+        (flax_mlp((3, 4, 4, 4, 4, 4, 4, 4, 4, 4, 4, 2)), "Dense_10/kernel"),
+        (
+            {"fc1": flax_mlp((4, 3))["Dense_0"], "fc2": flax_mlp((3, 3))["Dense_0"], "head": head},
+            "head/kernel",
+        ),
+        ({"layers": [flax_mlp((4, 3))["Dense_0"], flax_mlp((3, 2))["Dense_0"]]}, "layers/1/kernel"),
+        ([rng_array(0, (4, 3)), rng_array(1, (3,)), rng_array(2, (3, 2)), rng_array(3, (2,))], "2"),
+    ]
+    for p, out in cases:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            m = pj.unit_masks(p, 0.5)
+        kept = [pj._util.path_str(kp) for kp, x in jax.tree_util.tree_flatten_with_path(m)[0]]
+        whole = [
+            k
+            for k, x in zip(kept, jax.tree_util.tree_leaves(m), strict=True)
+            if np.ndim(x) >= 2 and np.all(x)
+        ]
+        assert whole == [out]
+
+
+def test_output_must_name_a_kernel():
+    with pytest.raises(ValueError, match=r"output='Dense_9'.*Dense_0/kernel"):
+        pj.unit_masks(flax_mlp(), 0.5, output="Dense_9")
+    with pytest.raises(TypeError, match="output"):
+        pj.unit_masks(flax_mlp(), 0.5, output=2)

@@ -438,7 +438,8 @@ def load(
         besides ``max_bytes``).
       like: a template of the saved container, whose leaf paths must be the file's (needed to
         get an Equinox module back, as in ``eqx.tree_deserialise_leaves``: the file holds no
-        code; optional for an ``nnx.State``); shapes may differ (a compacted file).
+        code; optional for an ``nnx.State``; a plain tree takes the file's ``(out, in)``
+        kernels); shapes may differ (a compacted file).
       quantized: give quantized leaves back as ``prunejax.quantize.Quantized`` (bit-exact codes,
         codebook and mask) instead of their dequantized values.
 
@@ -503,7 +504,9 @@ def _rewrap(where: str, record: object, tree: PyTree, like: PyTree | None) -> Py
             raise FileFormatError(f"{where!r}: corrupted header: {e}") from None
     u = unwrap(like)
     saved = record.get("out_in", []) if isinstance(record, dict) else []
-    if sorted(u.out_in) != saved:
+    # a plain template (no Equinox layer) says nothing of the layout: the file's record does
+    plain = u.kind == "tree" and not u.out_in
+    if not plain and sorted(u.out_in) != saved:
         raise ValueError(
             f"{where!r}: like= has (out, in) kernels at {sorted(u.out_in)}, but the file stored "
             f"{saved} transposed; pass a template of the saved model"
@@ -515,4 +518,9 @@ def _rewrap(where: str, record: object, tree: PyTree, like: PyTree | None) -> Py
             f"{where!r}: like= does not match the file: leaves missing from the file "
             f"{sorted(want - have)[:5]}, not in like= {sorted(have - want)[:5]}"
         )
+    if plain and saved:
+        try:
+            return rewrap_record({"kind": "tree", "out_in": saved}, tree)
+        except ValueError as e:
+            raise FileFormatError(f"{where!r}: corrupted header: {e}") from None
     return u.rewrap(tree)

@@ -331,13 +331,14 @@ def _dot(eqn: Any, invals: list[Any]) -> Any:
         raise _refuse(k, "dot_general", f" contracting {len(kc)} of its axes")
     native = 1 if k.out_in else 0
     if kc[0] != native:
-        axis = "input" if k.out_in else "output"
+        stored, fits = ("out_in", "in_out") if k.out_in else ("in_out", "out_in")
+        shape = "(out, in)" if k.out_in else "(in, out)"
         raise _refuse(
             k,
             "dot_general",
-            f" contracting its {'first' if kc[0] == 0 else 'second'} axis, which holds the "
-            f"layer's outputs in the {'(out, in)' if not k.out_in else '(in, out)'} layout "
-            f"(expected {axis} layout: pass sparsify(..., layout=...) to match the model)",
+            f" contracting its axis {kc[0]}, which is the output axis in the layout "
+            f"sparsify stored, layout={stored!r} {shape}; the model uses it the other way: "
+            f"pass sparsify(..., layout={fits!r})",
         )
     xm = jnp.moveaxis(jnp.asarray(x), xc[0], -1)
     y = _product(xm, k.obj)
