@@ -3,6 +3,7 @@ minibatches, accuracy, paired timing, the machine description and the before/aft
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 from collections.abc import Callable, Iterator
@@ -117,3 +118,16 @@ def max_diff(a: Any, b: Any) -> float:
 def out_dir(path: str) -> str:
     os.makedirs(path, exist_ok=True)
     return path
+
+
+def cli(run: Callable[..., dict[str, Any]], description: str, out: str, argv: list[str] | None):
+    """The examples' shared command line: parse ``argv`` and call ``run`` with the options."""
+    p = argparse.ArgumentParser(description=description)
+    p.add_argument("--subset", type=int, default=60000, help="training images (test: up to 10k)")
+    p.add_argument("--steps", type=int, default=3000, help="training steps (fine-tune: half)")
+    p.add_argument("--sparsity", type=float, default=0.9)
+    p.add_argument("--format", default="csr", help="sparse format (prunejax.sparse.FORMATS)")
+    p.add_argument("--rounds", type=int, default=30, help="timing rounds")
+    p.add_argument("--out", default=out)
+    a = p.parse_args(argv)
+    return run(a.subset, a.steps, a.sparsity, a.format, a.out, a.rounds)

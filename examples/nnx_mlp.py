@@ -20,7 +20,6 @@ Usage::
 
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 from typing import Any
@@ -112,15 +111,7 @@ def run(
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--subset", type=int, default=60000, help="training images (test: up to 10k)")
-    p.add_argument("--steps", type=int, default=3000, help="training steps (fine-tune: half)")
-    p.add_argument("--sparsity", type=float, default=0.9)
-    p.add_argument("--format", default="csr", help="sparse format (prunejax.sparse.FORMATS)")
-    p.add_argument("--rounds", type=int, default=30, help="timing rounds")
-    p.add_argument("--out", default="runs/nnx_mlp")
-    a = p.parse_args(argv)
-    return run(a.subset, a.steps, a.sparsity, a.format, a.out, a.rounds)
+    return rep.cli(run, __doc__.splitlines()[0], "runs/nnx_mlp", argv)
 
 
 if __name__ == "__main__":

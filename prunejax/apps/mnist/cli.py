@@ -646,30 +646,28 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     args.argv = argv
     if args.command == "compress":
-        try:
-            compress.run(args, log=say)
-        except KeyboardInterrupt:
-            return 130
-        except (ValueError, TypeError, FileNotFoundError) as e:
-            print(f"prunejax: error: {e}", file=sys.stderr)
-            return 2
-        except FloatingPointError as e:
-            print(f"prunejax: training failed: {e}", file=sys.stderr)
-            return 1
+        return _guarded(lambda: compress.run(args, log=say))
     if args.command == "mnist":
-        try:
-            run_mnist(args)
-        except KeyboardInterrupt:
-            print(
-                "\ninterrupted; the last complete checkpoint in "
-                f"{args.out / 'checkpoints'} is usable: rerun with --resume",
-                file=sys.stderr,
-            )
-            return 130
-        except (ValueError, TypeError, FileNotFoundError) as e:
-            print(f"prunejax: error: {e}", file=sys.stderr)
-            return 2
-        except FloatingPointError as e:
-            print(f"prunejax: training failed: {e}", file=sys.stderr)
-            return 1
+        return _guarded(
+            lambda: run_mnist(args),
+            interrupted="\ninterrupted; the last complete checkpoint in "
+            f"{args.out / 'checkpoints'} is usable: rerun with --resume",
+        )
+    return 0
+
+
+def _guarded(job: Callable[[], Any], interrupted: str | None = None) -> int:
+    """Run one command; map Ctrl-C, bad input and a failed run to exit statuses 130, 2, 1."""
+    try:
+        job()
+    except KeyboardInterrupt:
+        if interrupted:
+            print(interrupted, file=sys.stderr)
+        return 130
+    except (ValueError, TypeError, FileNotFoundError) as e:
+        print(f"prunejax: error: {e}", file=sys.stderr)
+        return 2
+    except FloatingPointError as e:
+        print(f"prunejax: training failed: {e}", file=sys.stderr)
+        return 1
     return 0
